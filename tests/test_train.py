@@ -1,0 +1,77 @@
+"""fit: schedules, determinism, time budgets, and DDP equal to one process on the same global batch."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitlab.models import create_model
+from vitlab.seed import seed_everything
+from vitlab.train import evaluate, fit, lr_lambda, random_shift
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy(n=256, seed=0):
+    """A learnable toy task: the class is which quadrant of an 8×8 image is bright."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.3
+    for i, c in enumerate(y.tolist()):
+        r, q = divmod(c, 2)
+        x[i, 0, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 0.7
+    return x, y
+
+
+def train_once(seed=0, **kw):
+    seed_everything(seed)
+    m = create_model("vit_nano", img_size=8, num_classes=4, depth=2)
+    h = fit(m, toy(), toy(64, seed=1), profile="smoke", batch_size=32, seed=seed, progress=False, **kw)
+    return m, h
+
+
+def test_fit_learns_and_returns_a_history():
+    m, h = train_once(epochs=10, lr=1e-2, shift=0)
+    assert set(h) >= {"epoch", "train_loss", "val_acc", "lr", "seconds"}
+    assert len(h["epoch"]) == 10 and h["train_loss"][-1] < h["train_loss"][0]
+    assert evaluate(m, toy(64, seed=1))["acc"] > 0.6  # chance is 0.25
+
+
+def test_same_seed_same_numbers():
+    _, a = train_once(epochs=2)
+    _, b = train_once(epochs=2)
+    assert a["train_loss"] == b["train_loss"] and a["val_acc"] == b["val_acc"]
+
+
+def test_warmup_then_cosine_to_zero():
+    f = lr_lambda(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_seconds_budget_fixes_a_step_count():
+    _, h = train_once(seconds=2.0)
+    assert h["step"][-1] >= 1 and h["seconds"][-1] < 10
+
+
+def test_random_shift_is_a_translation():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    out = random_shift(x, torch.tensor([[1, 0]]))
+    assert torch.equal(out[0, 0, :3], x[0, 0, 1:])  # moved up by one row, border replicated
+    assert torch.equal(random_shift(x, torch.tensor([[0, 0]])), x)
+
+
+def test_ddp_two_processes_follow_the_single_process_trajectory(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    single, double = tmp_path / "single.json", tmp_path / "ddp.json"
+    worker = str(ROOT / "tests" / "ddp_worker.py")
+    subprocess.run([sys.executable, worker, str(single)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+                    str(double)], check=True, env=env, timeout=300, capture_output=True)
+    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    assert len(a) == len(b) == 3
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)

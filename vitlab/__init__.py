@@ -1,0 +1,23 @@
+"""ViT Lab: the shared code behind the course's notebooks.
+
+    import vitlab
+    P = vitlab.profile()                      # smoke / cpu / gpu
+    train = vitlab.data.load("mnist5k", "train", P)
+    model = vitlab.models.create_model("vit_tiny", data=train)
+    vitlab.train.fit(model, train, val, profile=P)
+"""
+from importlib import import_module
+
+from .profiles import PROFILES, Profile, device, profile
+from .seed import seed_everything
+
+__version__ = "0.1.0"
+__all__ = ["Profile", "PROFILES", "profile", "device", "seed_everything"]
+
+_SUBMODULES = {"data", "models", "kernels", "train", "zoo", "measure", "viz", "results", "methods"}
+
+
+def __getattr__(name):  # `vitlab.data` etc. import on first use, so `import vitlab` stays light
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'vitlab' has no attribute {name!r}")

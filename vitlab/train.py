@@ -1,0 +1,296 @@
+"""Training: one ``fit`` for every lesson, and ``python -m vitlab.train`` to train registry models at scale.
+
+    history = fit(model, train, val, profile=P, epochs=20, lr=1e-3)
+    viz.training_curves(history)
+
+Data are ``vitlab.data.ImageDataset`` objects (tensors in memory), so an epoch is a loop over index slices with
+no DataLoader workers: on a 2-core laptop that is the fastest way, and it is trivially reproducible.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same call trains with DistributedDataParallel: every rank draws
+the same global batch order and keeps its slice, so a 2-process run follows the 1-process loss trajectory.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .profiles import Profile, profile as get_profile
+from .seed import seed_everything
+
+__all__ = ["fit", "evaluate", "make_optimizer", "lr_lambda", "random_shift", "is_distributed", "main"]
+
+OPTIMIZERS = ("adamw", "lion", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    if not is_distributed():
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _images_labels(data, name: str):
+    if data is None:
+        return None
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        images, labels = data
+    elif hasattr(data, "images") and hasattr(data, "labels"):
+        images, labels = data.images, data.labels
+    else:
+        raise TypeError(f"fit: {name} must be a vitlab ImageDataset or an (images, labels) tuple, "
+                        f"got {type(data).__name__}")
+    if not (torch.is_tensor(images) and torch.is_tensor(labels)) or images.ndim != 4 or labels.ndim != 1 \
+            or len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"fit: {name} must hold images [N,C,H,W] and labels [N] with N > 0")
+    return images, labels
+
+
+def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.05):
+    """timm's optimizer factory: no weight decay on biases, norms, pos_embed and the CLS token."""
+    from timm.optim import create_optimizer_v2
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"fit: unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+    kwargs = {"momentum": 0.9} if name == "sgd" else {}
+    return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "cosine"):
+    """Multiplier of the base lr at a step: linear warm-up, then cosine to zero (or constant)."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def random_shift(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Translate each image by its own integer (dy, dx), filling with the border value (no wrap-around)."""
+    pad = int(shifts.abs().max()) if len(shifts) else 0
+    if pad == 0:
+        return images
+    B, _, H, W = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    out = torch.empty_like(images)
+    for i, (dy, dx) in enumerate(shifts.tolist()):
+        out[i] = padded[i, :, pad + dy: pad + dy + H, pad + dx: pad + dx + W]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, label_smoothing: float = 0.0,
+             amp: torch.dtype | None = None) -> dict:
+    """Loss and accuracy of ``model`` on ``data`` (model left in the mode it was in)."""
+    images, labels = _images_labels(data, "data")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(images), batch_size):
+        x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+    model.train(was_training)
+    return {"loss": loss_sum / len(images), "acc": correct / len(images)}
+
+
+# ------------------------------------------------------------------------------------------------- fit
+def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = None, epochs: int | None = None,
+        seconds: float | None = None, batch_size: int | None = None, optimizer: str = "adamw", lr: float = 1e-3,
+        weight_decay: float = 0.05, schedule: str = "cosine", warmup: float = 0.1, label_smoothing: float = 0.1,
+        shift: int = 2, grad_clip: float | None = 1.0, amp: bool | None = None, compile: bool | None = None,
+        seed: int = 0, device=None, progress: bool = True, loss_fn=None, desc: str = "train") -> dict:
+    """Train ``model`` on ``train``; return a history (lists per epoch) for plots.
+
+    epochs / seconds: how long (default: the profile's epochs). ``seconds`` times the first steps and then
+      fixes the step count, so the schedule is exact; for bit-reproducible runs give ``epochs``.
+    warmup: fraction of the steps (< 1) or a number of epochs (>= 1) of linear warm-up before the cosine.
+    shift: random translation of ±shift pixels (0: no augmentation).
+    amp / compile: default to the profile (bf16 autocast and torch.compile in the gpu profile).
+    loss_fn(logits, labels) replaces label-smoothed cross-entropy (e.g. for distillation).
+    """
+    P = get_profile(profile)
+    tr = _images_labels(train, "train")
+    va = _images_labels(val, "val")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs <= 0):
+        raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
+    if seconds is not None and (not isinstance(seconds, (int, float)) or seconds <= 0):
+        raise ValueError(f"fit: seconds must be a positive number, got {seconds!r}")
+    if epochs is not None and seconds is not None:
+        raise ValueError("fit: give epochs or seconds, not both")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"fit: unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if not lr > 0:
+        raise ValueError(f"fit: lr must be positive, got {lr!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"fit: label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if not isinstance(shift, int) or shift < 0:
+        raise ValueError(f"fit: shift must be a non-negative int (pixels), got {shift!r}")
+    batch_size = batch_size or P.batch_size
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}")
+
+    device = torch.device(device) if device is not None else torch.device(P.device)
+    rank, world = _init_distributed(device)
+    if batch_size % world:
+        raise ValueError(f"fit: batch_size={batch_size} must be divisible by the {world} processes")
+    amp_dtype = P.amp if (amp is None or amp) and device.type == "cuda" else None
+    gen = seed_everything(seed)
+    model.to(device).train()
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile if compile is not None else P.compile:
+        net = torch.compile(net)
+    opt = make_optimizer(model, optimizer, lr, weight_decay)
+
+    images, labels = tr
+    n = len(images)
+    steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch: every step sees a full batch
+    if seconds is not None:  # time a few steps (then throw them away) to fix the step count
+        total_steps = None
+    else:
+        total_steps = (epochs or P.epochs) * steps_per_epoch
+    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, label_smoothing=label_smoothing))
+    history = {"epoch": [], "step": [], "train_loss": [], "train_acc": [], "val_loss": [], "val_acc": [], "lr": [],
+               "seconds": []}
+
+    def train_step(idx):
+        sl = idx[rank * (len(idx) // world):(rank + 1) * (len(idx) // world)]  # this rank's slice
+        shifts = torch.randint(-shift, shift + 1, (len(idx), 2), generator=gen) if shift else None
+        x = images[sl]
+        if shift:
+            x = random_shift(x, shifts[rank * len(sl):(rank + 1) * len(sl)])
+        x, y = x.to(device, non_blocking=True), labels[sl].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            logits = net(x)
+            loss = loss_fn(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        return loss.detach(), (logits.argmax(-1) == y).sum()
+
+    start = time.perf_counter()
+    if total_steps is None:
+        probe_state = {k: v.clone() for k, v in model.state_dict().items()}
+        probe_opt = opt.state_dict()
+        perm = torch.randperm(n, generator=gen)
+        t0 = time.perf_counter()
+        probe = min(3, steps_per_epoch)
+        for s in range(probe):
+            train_step(perm[s * batch_size:(s + 1) * batch_size])
+        step_time = (time.perf_counter() - t0) / probe
+        total_steps = max(1, int((seconds - (time.perf_counter() - start)) / step_time))
+        model.load_state_dict(probe_state)
+        opt.load_state_dict(probe_opt)
+        gen = seed_everything(seed)
+    warmup_steps = int(warmup * total_steps) if warmup < 1 else int(warmup * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, min(warmup_steps, total_steps), schedule))
+
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress or rank != 0, leave=False)
+    step = 0
+    for epoch in range(n_epochs):
+        perm = torch.randperm(n, generator=gen)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for s in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            loss, corr = train_step(perm[s * batch_size:(s + 1) * batch_size])
+            sched.step()
+            loss_sum += loss
+            correct += corr
+            seen += batch_size // world
+            step += 1
+            bar.update(1)
+        if world > 1:
+            for t in (loss_sum, correct):
+                dist.all_reduce(t)
+        steps_run = max(1, math.ceil(seen / (batch_size // world)))
+        history["epoch"].append(epoch + 1)
+        history["step"].append(step)
+        history["train_loss"].append(loss_sum.item() / world / steps_run)
+        history["train_acc"].append(correct.item() / (seen * world))
+        history["lr"].append(opt.param_groups[0]["lr"])
+        if va is not None:
+            ev = evaluate(model, va, batch_size=max(batch_size, 256), device=device, amp=amp_dtype)
+            history["val_loss"].append(ev["loss"])
+            history["val_acc"].append(ev["acc"])
+            bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", val_acc=f"{ev['acc']:.3f}")
+        history["seconds"].append(time.perf_counter() - start)
+    bar.close()
+    model.eval()
+    return history
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def main(argv=None) -> int:
+    from . import data as vdata
+    from . import zoo
+    from .models import create_model
+
+    ap = argparse.ArgumentParser(prog="python -m vitlab.train", description="Train a registry ViT on a dataset. "
+                                 "Under torchrun it trains with DDP (gloo on CPU, nccl on GPU).")
+    ap.add_argument("--model", default=None, help="registry name (default: the profile's model)")
+    ap.add_argument("--data", default="mnist5k", help="dataset name for vitlab.data.load")
+    ap.add_argument("--profile", default=None, help="smoke / cpu / gpu (default: $VITLAB_PROFILE)")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--seconds", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", default=None, help="write the trained weights here (atomically)")
+    ap.add_argument("--history", default=None, help="write the history as JSON here")
+    args = ap.parse_args(argv)
+
+    P = get_profile(args.profile)
+    train = vdata.load(args.data, "train", P)
+    val = vdata.load(args.data, "val", P)
+    seed_everything(args.seed)
+    model = create_model(args.model or P.model, data=train)
+    hist = fit(model, train, val, profile=P, epochs=args.epochs, seconds=args.seconds, batch_size=args.batch_size,
+               lr=args.lr, optimizer=args.optimizer, seed=args.seed)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        test = evaluate(model, vdata.load(args.data, "test", P))
+        print(f"final: train_loss={hist['train_loss'][-1]:.4f} val_acc={hist['val_acc'][-1]:.4f} "
+              f"test_acc={test['acc']:.4f} ({hist['seconds'][-1]:.1f} s)")
+        if args.save:
+            zoo.save_checkpoint(args.save, {"model": model.state_dict(), "config": vars(args)})
+        if args.history:
+            import json
+
+            with open(args.history, "w") as f:
+                json.dump(hist, f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

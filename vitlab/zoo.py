@@ -1,0 +1,192 @@
+"""Course-trained checkpoints: ``zoo.get("vit_tiny_mnist5k")`` loads one, or trains it once.
+
+Nothing here downloads weights. What a lesson needs "pretrained", the course trains itself:
+
+    get(name, profile) ── file data/checkpoints/<name>-<profile>.pt valid? ──yes──▶ load (weights_only=True)
+                                   │ no (missing, truncated, hash or config mismatch: warn)
+                                   ▼
+                      take a file lock ─▶ (re-check: another process may have just written it)
+                                        ─▶ train the recipe ─▶ write temp file ─▶ fsync ─▶ rename
+
+The rename is atomic, so a reader sees the old file or the new one, never half of one; the lock means two
+notebooks started together train once. Each file carries its recipe and a SHA-256 of its weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from .profiles import Profile, profile as get_profile
+
+__all__ = ["Recipe", "ZOO", "register", "get", "path_for", "save_checkpoint", "load_checkpoint",
+           "state_hash", "checkpoint_dir"]
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train a zoo entry, per profile: model + dataset + ``fit`` arguments."""
+    model: str
+    data: str
+    data_kwargs: dict = field(default_factory=dict)
+    fit: dict = field(default_factory=dict)  # defaults for every profile
+    per_profile: dict = field(default_factory=dict)  # profile name -> overrides of `fit` (and "max_train")
+    seed: int = 0
+
+    def config(self, profile_name: str) -> dict[str, Any]:
+        """Everything that determines the weights: a checkpoint made from another config is not trusted."""
+        fit_kwargs = {**self.fit, **self.per_profile.get(profile_name, {})}
+        max_train = fit_kwargs.pop("max_train", "profile")
+        return {"model": self.model, "data": self.data, "data_kwargs": dict(self.data_kwargs),
+                "fit": fit_kwargs, "max_train": max_train, "seed": self.seed, "profile": profile_name}
+
+
+ZOO: dict[str, Recipe] = {}
+
+
+def register(name: str, recipe: Recipe) -> None:
+    if name in ZOO:
+        raise ValueError(f"zoo.register: {name!r} is already registered")
+    ZOO[name] = recipe
+
+
+# The course's base models. smoke: trained in well under a minute; cpu: a few minutes; gpu: longer.
+register("vit_tiny_mnist5k", Recipe(
+    model="vit_tiny", data="mnist5k", fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
+    per_profile={"smoke": dict(epochs=8, max_train=None), "cpu": dict(epochs=60), "gpu": dict(epochs=100)}))
+register("vit_tiny_scenes", Recipe(
+    model="vit_tiny", data="cluttered_scenes", data_kwargs=dict(img_size=32, in_chans=3),
+    fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
+    per_profile={"smoke": dict(epochs=8, max_train=None), "cpu": dict(epochs=40), "gpu": dict(epochs=100)}))
+
+
+def checkpoint_dir() -> Path:
+    """``data/checkpoints`` in the repository (override with ``$VITLAB_CHECKPOINTS``)."""
+    env = os.environ.get("VITLAB_CHECKPOINTS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "data" / "checkpoints"
+
+
+def path_for(name: str, profile: Profile | str | None = None) -> Path:
+    _recipe(name)
+    return checkpoint_dir() / f"{name}-{get_profile(profile).name}.pt"
+
+
+def _recipe(name: str) -> Recipe:
+    if not isinstance(name, str):
+        raise TypeError(f"zoo.get: name must be a str, got {type(name).__name__}")
+    if name not in ZOO:
+        raise ValueError(f"zoo.get: unknown checkpoint {name!r}; valid names are {sorted(ZOO)}")
+    return ZOO[name]
+
+
+# --------------------------------------------------------------------------------------- file format
+def state_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of every tensor (order-independent)."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` atomically: a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load with ``weights_only=True`` (no pickled code runs) and verify the weights' hash."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state_dict" not in payload:
+        raise ValueError(f"{path}: not a vitlab checkpoint (format {FORMAT})")
+    if state_hash(payload["state_dict"]) != payload.get("sha256"):
+        raise ValueError(f"{path}: weights do not match their stored SHA-256 (corrupt file)")
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------- get
+def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
+    from . import data as vdata
+    from .models import create_model, model_config
+    from .seed import seed_everything
+    from .train import evaluate, fit
+
+    cfg = recipe.config(P.name)
+    data_profile = P if cfg["max_train"] == "profile" else P.replace(max_train=cfg["max_train"])
+    train = vdata.load(recipe.data, "train", data_profile, seed=recipe.seed, **recipe.data_kwargs)
+    val = vdata.load(recipe.data, "val", data_profile, seed=recipe.seed, **recipe.data_kwargs)
+    test = vdata.load(recipe.data, "test", data_profile, seed=recipe.seed, **recipe.data_kwargs)
+    seed_everything(recipe.seed)
+    model = create_model(recipe.model, data=train)
+    history = fit(model, train, val, profile=P, seed=recipe.seed, progress=progress, desc=f"zoo {name}",
+                  **cfg["fit"])
+    metrics = {"val_acc": history["val_acc"][-1], "test_acc": evaluate(model, test)["acc"],
+               "train_seconds": history["seconds"][-1]}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"format": FORMAT, "name": name, "config": cfg, "model_config": model_config(recipe.model, data=train),
+            "state_dict": state, "sha256": state_hash(state), "metrics": metrics, "history": history}
+
+
+def _valid(path: Path, cfg: dict) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        payload = load_checkpoint(path)
+    except Exception as e:  # truncated, corrupt, foreign: never trusted
+        warnings.warn(f"zoo: {path.name} is unreadable ({e}); retraining it", stacklevel=3)
+        return None
+    if payload.get("config") != cfg:
+        warnings.warn(f"zoo: {path.name} was trained with another recipe; retraining it", stacklevel=3)
+        return None
+    return payload
+
+
+def get(name: str, profile: Profile | str | None = None, *, retrain: bool = False, progress: bool = True,
+        return_info: bool = False):
+    """The trained model ``name`` for the profile (eval mode, on CPU); trains and caches it if needed.
+
+    return_info=True also returns the checkpoint's metadata (config, metrics, history, path).
+    """
+    recipe = _recipe(name)
+    P = get_profile(profile)
+    cfg = recipe.config(P.name)
+    path = path_for(name, P)
+    payload = None if retrain else _valid(path, cfg)
+    if payload is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            payload = None if retrain else _valid(path, cfg)  # someone may have finished while we waited
+            if payload is None:
+                payload = _train(name, recipe, P, progress)
+                save_checkpoint(path, payload)
+    from .models import VisionTransformer
+
+    model = VisionTransformer(**payload["model_config"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    if return_info:
+        info = {k: payload[k] for k in ("name", "config", "model_config", "metrics", "history", "sha256")}
+        return model, {**info, "path": str(path)}
+    return model
