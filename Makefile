@@ -37,15 +37,16 @@ run: $(STAMP)
 notebooks: $(STAMP)
 	$(PY) -m vitlab.course run --profile $(if $(filter smoke,$(PROFILE)),cpu,$(PROFILE)) $(if $(NB),--nb $(NB)) --inplace
 
+# One thread per pytest worker: JOBS workers × 2 OpenMP threads on 2 cores spin-wait each other (10× slower).
 test: $(STAMP)
-	VITLAB_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -n $(JOBS) \
-		--durations=15 -q -p no:randomly
+	VITLAB_PROFILE=smoke OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -n $(JOBS) \
+		--durations=15 -q
 
 test-unit: $(STAMP)
-	VITLAB_PROFILE=smoke $(PY) -m pytest tests -n $(JOBS) --durations=15 -q
+	VITLAB_PROFILE=smoke OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(JOBS) --durations=15 -q
 
 test-notebooks: $(STAMP)
-	VITLAB_PROFILE=smoke $(PY) -m pytest notebooks --nbval-lax --nbval-current-env -n $(JOBS) -q
+	VITLAB_PROFILE=smoke OMP_NUM_THREADS=1 $(PY) -m pytest notebooks --nbval-lax --nbval-current-env -n $(JOBS) -q
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

@@ -47,7 +47,7 @@ def _cuda() -> bool:
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
-        name="smoke", model="vit_tiny", max_train=2000, epochs=3, batch_size=128, device="cpu",
+        name="smoke", model="vit_nano", max_train=2000, epochs=4, batch_size=64, device="cpu",
         amp_dtype=None, compile=False, kernels=False, allow_download=False, seeds=1,
         notes="nbval/CI: each notebook < 60 s on 2 cores; numbers are a sanity check, not a result",
     ),

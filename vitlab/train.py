@@ -146,7 +146,7 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
         raise ValueError(f"fit: label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if not isinstance(shift, int) or shift < 0:
         raise ValueError(f"fit: shift must be a non-negative int (pixels), got {shift!r}")
-    batch_size = batch_size or P.batch_size
+    batch_size = P.batch_size if batch_size is None else batch_size
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}")
 

@@ -62,11 +62,13 @@ def register(name: str, recipe: Recipe) -> None:
 # The course's base models. smoke: trained in well under a minute; cpu: a few minutes; gpu: longer.
 register("vit_tiny_mnist5k", Recipe(
     model="vit_tiny", data="mnist5k", fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
-    per_profile={"smoke": dict(epochs=8, max_train=None), "cpu": dict(epochs=60), "gpu": dict(epochs=100)}))
+    per_profile={"smoke": dict(epochs=15, batch_size=64, max_train=None), "cpu": dict(epochs=60, batch_size=128),
+                 "gpu": dict(epochs=100, batch_size=128)}))
 register("vit_tiny_scenes", Recipe(
     model="vit_tiny", data="cluttered_scenes", data_kwargs=dict(img_size=32, in_chans=3),
     fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
-    per_profile={"smoke": dict(epochs=8, max_train=None), "cpu": dict(epochs=40), "gpu": dict(epochs=100)}))
+    per_profile={"smoke": dict(epochs=15, batch_size=64, max_train=None), "cpu": dict(epochs=40, batch_size=128),
+                 "gpu": dict(epochs=100, batch_size=128)}))
 
 
 def checkpoint_dir() -> Path:

@@ -54,8 +54,15 @@ def model_config(name: str, data=None, **overrides) -> dict[str, Any]:
 
 
 def create_model(name: str, data=None, **overrides):
-    """Build a registered model; ``data`` (an ImageDataset) sets img_size, in_chans and num_classes."""
+    """Build a registered model; ``data`` (an ImageDataset) sets img_size, in_chans and num_classes.
+
+    The active profile decides ``use_kernels`` unless given (the Triton kernels run only on CUDA tensors).
+    """
     cfg = model_config(name, data, **overrides)
+    if _BUILDERS[name] is VisionTransformer and "use_kernels" not in cfg:
+        from vitlab.profiles import profile
+
+        cfg["use_kernels"] = profile().kernels  # Triton on CUDA in the gpu profile; model.set_kernels(False) opts out
     try:
         return _BUILDERS[name](**cfg)
     except TypeError as e:  # an override the constructor does not know

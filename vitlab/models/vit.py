@@ -27,6 +27,15 @@ SIDE_OUTPUTS = ("probs", "cls", "colsum", "diag")
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
+def _kernels_on(module: nn.Module, x: torch.Tensor) -> bool:
+    """Triton path: kernels enabled and x on CUDA (or on CPU under TRITON_INTERPRET=1, for tests)."""
+    if not module.use_kernels:
+        return False
+    from vitlab.kernels._dispatch import use_triton
+
+    return use_triton(x)
+
+
 def _check_side(side: Sequence[str]) -> tuple[str, ...]:
     side = (side,) if isinstance(side, str) else tuple(side)
     bad = [s for s in side if s not in SIDE_OUTPUTS]
@@ -100,7 +109,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)  # each [B, H, N, Dh]
 
-        if self.use_kernels and x.is_cuda and "probs" not in side and not (self.training and self.attn_drop.p):
+        if "probs" not in side and _kernels_on(self, x) and not (self.training and self.attn_drop.p):
             from vitlab.kernels.attention import attention
 
             res = attention(q, k, v, scale=self.scale, bias=attn_bias, return_cls="cls" in side,
@@ -149,14 +158,14 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _norm(self, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels and x.is_cuda:
+        if _kernels_on(self, x):
             from vitlab.kernels.layernorm import layer_norm
 
             return layer_norm(x, norm.weight, norm.bias, eps=norm.eps)
         return norm(x)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels and x.is_cuda and type(self.mlp.act) is nn.GELU and self.mlp.act.approximate == "none":
+        if type(self.mlp.act) is nn.GELU and self.mlp.act.approximate == "none" and _kernels_on(self, x):
             from vitlab.kernels.mlp import linear_gelu
 
             h = self.mlp.drop1(linear_gelu(x, self.mlp.fc1.weight, self.mlp.fc1.bias))
@@ -239,7 +248,8 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token", "reg_token"}
 
     def set_kernels(self, enabled: bool) -> "VisionTransformer":
-        """Use the Triton kernels (CUDA tensors only; elsewhere the PyTorch path runs regardless)."""
+        """Use the Triton kernels for attention, LayerNorm and fc1+GELU (on CUDA tensors; on CPU only under
+        TRITON_INTERPRET=1, for tests). Elsewhere the PyTorch path runs regardless."""
         for m in self.modules():
             if hasattr(m, "use_kernels"):
                 m.use_kernels = bool(enabled)
