@@ -7,7 +7,6 @@ STAMP := $(VENV)/.installed
 PROFILE ?= smoke
 NB ?=
 JOBS ?= 2
-export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
 .PHONY: help setup run test test-unit test-notebooks notebooks lab bench clean

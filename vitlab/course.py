@@ -37,7 +37,9 @@ def run_notebook(path: Path, dest: Path, profile: str, results_dir: Path, timeou
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
-    env = {"VITLAB_PROFILE": profile, "VITLAB_RESULTS_DIR": str(results_dir), "MPLBACKEND": "Agg"}
+    # the inline backend, so figures are saved into the executed notebook as images
+    env = {"VITLAB_PROFILE": profile, "VITLAB_RESULTS_DIR": str(results_dir),
+           "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     start = time.perf_counter()
