@@ -60,10 +60,16 @@ def _images_labels(data, name: str):
     return images, labels
 
 
-def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.05):
-    """timm's optimizer factory: no weight decay on biases, norms, pos_embed and the CLS token."""
+def make_optimizer(model: nn.Module, name="adamw", lr: float = 1e-3, weight_decay: float = 0.05):
+    """timm's optimizer factory: no weight decay on biases, norms, pos_embed and the CLS token.
+
+    ``name`` may also be a callable ``(model, lr, weight_decay) -> torch.optim.Optimizer`` (a lesson's own
+    optimizer, e.g. Lion written from the paper).
+    """
     from timm.optim import create_optimizer_v2
 
+    if callable(name):
+        return name(model, lr, weight_decay)
     if name not in OPTIMIZERS:
         raise ValueError(f"fit: unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     kwargs = {"momentum": 0.9} if name == "sgd" else {}

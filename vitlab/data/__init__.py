@@ -1,0 +1,21 @@
+"""Data for ViT Lab: every dataset as in-memory tensors behind one ``load(name, split, profile)``.
+
+    from vitlab import data
+    ds = data.load("mnist5k", "train")           # ImageDataset: images [N,1,28,28] in [0,1], labels [N]
+    ds = data.load("cluttered_scenes", "test", img_size=32)   # digits among clutter, with masks
+    x = data.corrupt(ds.images, "blur", severity=3)
+
+Offline: mnist5k, mnist5k_lt, digits8, cluttered_scenes. Online (downloads only when allowed): cifar10,
+cifar100.
+"""
+from .corruptions import CORRUPTIONS, corrupt
+from .dataset import SPLITS, ImageDataset
+from .longtail import long_tail_counts, long_tailed
+from .online import data_dir
+from .registry import DATASETS, load
+from .scenes import cluttered_scenes, patch_mask
+
+__all__ = [
+    "CORRUPTIONS", "DATASETS", "SPLITS", "ImageDataset", "cluttered_scenes", "corrupt", "data_dir", "load",
+    "long_tail_counts", "long_tailed", "patch_mask",
+]
