@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def run_notebook(path: Path, dest: Path, profile: str, results_dir: Path, timeou
                        resources={"metadata": {"path": str(path.parent)}}).execute()
         ok = True
     except CellExecutionError as e:
-        ok, error = False, str(e).strip().splitlines()[-1][:300]
+        ok, error = False, re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[-1][:300]
     finally:
         for k, v in old.items():
             if v is None:
