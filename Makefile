@@ -38,14 +38,14 @@ notebooks: $(STAMP)
 
 # One thread per pytest worker: JOBS workers × 2 OpenMP threads on 2 cores spin-wait each other (10× slower).
 test: $(STAMP)
-	VITLAB_PROFILE=smoke OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -n $(JOBS) \
+	VITLAB_PROFILE=smoke OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -n $(JOBS) --dist loadfile \
 		--durations=15 -q
 
 test-unit: $(STAMP)
-	VITLAB_PROFILE=smoke OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(JOBS) --durations=15 -q
+	VITLAB_PROFILE=smoke OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(JOBS) --dist loadfile --durations=15 -q
 
 test-notebooks: $(STAMP)
-	VITLAB_PROFILE=smoke OMP_NUM_THREADS=1 $(PY) -m pytest notebooks --nbval-lax --nbval-current-env -n $(JOBS) -q
+	VITLAB_PROFILE=smoke OMP_NUM_THREADS=1 $(PY) -m pytest notebooks --nbval-lax --nbval-current-env -n $(JOBS) --dist loadfile -q
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
