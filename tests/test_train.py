@@ -75,3 +75,26 @@ def test_ddp_two_processes_follow_the_single_process_trajectory(tmp_path):
     a, b = json.loads(single.read_text()), json.loads(double.read_text())
     assert len(a) == len(b) == 3
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_step_fn_replaces_forward_and_loss():
+    import torch.nn.functional as F
+
+    calls = []
+
+    def plain_step(net, x, y):  # what fit does by default, written as a step_fn
+        calls.append(len(x))
+        logits = net(x)
+        return F.cross_entropy(logits.float(), y, label_smoothing=0.1), logits
+
+    _, default = train_once(epochs=2, shift=0)
+    _, custom = train_once(epochs=2, shift=0, step_fn=plain_step)
+    assert custom["train_loss"] == default["train_loss"] and custom["val_acc"] == default["val_acc"]
+    assert calls and set(calls) == {32}
+
+
+def test_step_fn_and_loss_fn_are_exclusive():
+    with pytest.raises(ValueError, match="loss_fn or step_fn"):
+        train_once(epochs=1, loss_fn=lambda a, b: a.sum(), step_fn=lambda n, x, y: (x.sum(), x))
+    with pytest.raises(TypeError, match="step_fn must be callable"):
+        train_once(epochs=1, step_fn=3)

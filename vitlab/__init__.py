@@ -14,7 +14,7 @@ from .seed import seed_everything
 __version__ = "0.1.0"
 __all__ = ["Profile", "PROFILES", "profile", "device", "seed_everything"]
 
-_SUBMODULES = {"data", "models", "kernels", "train", "zoo", "measure", "viz", "results", "methods"}
+_SUBMODULES = {"data", "models", "kernels", "train", "zoo", "measure", "viz", "results", "augment", "methods"}
 
 
 def __getattr__(name):  # `vitlab.data` etc. import on first use, so `import vitlab` stays light

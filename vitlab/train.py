@@ -125,7 +125,7 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
         seconds: float | None = None, batch_size: int | None = None, optimizer: str = "adamw", lr: float = 1e-3,
         weight_decay: float = 0.05, schedule: str = "cosine", warmup: float = 0.1, label_smoothing: float = 0.1,
         shift: int = 2, grad_clip: float | None = 1.0, amp: bool | None = None, compile: bool | None = None,
-        seed: int = 0, device=None, progress: bool = True, loss_fn=None, desc: str = "train") -> dict:
+        seed: int = 0, device=None, progress: bool = True, loss_fn=None, step_fn=None, desc: str = "train") -> dict:
     """Train ``model`` on ``train``; return a history (lists per epoch) for plots.
 
     epochs / seconds: how long (default: the profile's epochs). ``seconds`` times the first steps and then
@@ -134,6 +134,10 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
     shift: random translation of ±shift pixels (0: no augmentation).
     amp / compile: default to the profile (bf16 autocast and torch.compile in the gpu profile).
     loss_fn(logits, labels) replaces label-smoothed cross-entropy (e.g. for distillation).
+    step_fn(net, images, labels) -> (loss, logits) replaces the whole forward pass and loss, for recipes that
+      change the batch or need more than logits (a mixing augmentation with soft labels, a distillation token
+      and its teacher). It runs under autocast on the device batch (after ``shift``); the logits only count
+      the training accuracy against ``labels``.
     """
     P = get_profile(profile)
     tr = _images_labels(train, "train")
@@ -150,6 +154,11 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
         raise ValueError(f"fit: lr must be positive, got {lr!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"fit: label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if loss_fn is not None and step_fn is not None:
+        raise ValueError("fit: give loss_fn or step_fn, not both (step_fn computes the loss itself)")
+    for fn_name, fn in (("loss_fn", loss_fn), ("step_fn", step_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"fit: {fn_name} must be callable, got {type(fn).__name__}")
     if not isinstance(shift, int) or shift < 0:
         raise ValueError(f"fit: shift must be a non-negative int (pixels), got {shift!r}")
     batch_size = P.batch_size if batch_size is None else batch_size
@@ -189,8 +198,11 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
             x = random_shift(x, shifts[rank * len(sl):(rank + 1) * len(sl)])
         x, y = x.to(device, non_blocking=True), labels[sl].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            logits = net(x)
-            loss = loss_fn(logits.float(), y)
+            if step_fn is None:
+                logits = net(x)
+                loss = loss_fn(logits.float(), y)
+            else:
+                loss, logits = step_fn(net, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
