@@ -6,7 +6,11 @@
     model = vitlab.models.create_model("vit_tiny", data=train)
     vitlab.train.fit(model, train, val, profile=P)
 """
+import warnings
 from importlib import import_module
+
+# tqdm.auto asks for ipywidgets to draw HTML bars; its text bars work in every notebook, so the nag is noise
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 from .profiles import PROFILES, Profile, device, profile
 from .seed import seed_everything

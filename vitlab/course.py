@@ -32,6 +32,30 @@ def find_notebooks(nb: str | None = None) -> list[Path]:
     return sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
 
 
+def collapse_progress(nb) -> None:
+    """Keep only the final state of progress bars in saved outputs, as a terminal shows them.
+
+    Headless, tqdm writes every update as its own ``\\r``-led stream output; a committed notebook would carry
+    thousands of them. Consecutive stream outputs of one stream are merged and each line keeps the text after
+    its last carriage return; lines a finished bar blanked out are dropped.
+    """
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        merged = []
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream" and merged and merged[-1].output_type == "stream" \
+                    and merged[-1].name == out.name:
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.output_type == "stream" and "\r" in out.text:
+                lines = [line.rsplit("\r", 1)[-1] for line in out.text.split("\n")]
+                out.text = "\n".join(line for line in lines if line.strip() or line == lines[-1])
+        cell.outputs = [o for o in merged if not (o.output_type == "stream" and not o.text.strip())]
+
+
 def run_notebook(path: Path, dest: Path, profile: str, results_dir: Path, timeout: int = 1800) -> tuple[bool, float, str]:
     import nbformat
     from nbclient import NotebookClient
@@ -57,6 +81,7 @@ def run_notebook(path: Path, dest: Path, profile: str, results_dir: Path, timeou
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    collapse_progress(nb)
     dest.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, dest)
     return ok, time.perf_counter() - start, error
