@@ -69,6 +69,11 @@ register("vit_tiny_scenes", Recipe(
     fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
     per_profile={"smoke": dict(epochs=15, batch_size=64, max_train=None), "cpu": dict(epochs=40, batch_size=128),
                  "gpu": dict(epochs=100, batch_size=128)}))
+# The GPU chapters' base model (quantisation, efficient inference at scale): CIFAR-100 downloads, so only the
+# gpu profile (or a caller that allows downloads) can train it; offline profiles get load()'s clear error.
+register("vit_small_cifar100", Recipe(
+    model="vit_small", data="cifar100", fit=dict(lr=1e-3, weight_decay=0.05, warmup=5, shift=4),
+    per_profile={"gpu": dict(epochs=100, batch_size=256)}))
 
 
 def checkpoint_dir() -> Path:
