@@ -1,7 +1,6 @@
 """zoo: trains once, loads with weights_only, never trusts a truncated file, and two racing processes
 produce one valid file."""
 import multiprocessing as mp
-import warnings
 
 import pytest
 import torch

@@ -1,8 +1,9 @@
 """Models: a timm-compatible ViT with inspectable attention, shared attention layers, and a registry."""
+from .cnn import SmallCNN, small_cnn
 from .layers import CrossAttention, WindowAttention, window_partition, window_reverse
 from .registry import MODELS, create_model, model_config, register_model
 from .vit import SIDE_OUTPUTS, Attention, Block, PatchEmbed, VisionTransformer
 
 __all__ = ["PatchEmbed", "Attention", "Block", "VisionTransformer", "SIDE_OUTPUTS", "CrossAttention",
            "WindowAttention", "window_partition", "window_reverse", "MODELS", "create_model", "model_config",
-           "register_model"]
+           "register_model", "SmallCNN", "small_cnn"]

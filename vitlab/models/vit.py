@@ -12,7 +12,6 @@ tokens by), without changing the default fast path (``F.scaled_dot_product_atten
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import partial
 

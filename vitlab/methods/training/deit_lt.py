@@ -55,10 +55,10 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from vitlab.augment import cell_mask, mix_targets, paste, soft_cross_entropy, soft_targets
-from vitlab.models import VisionTransformer
+from vitlab.models import SmallCNN, VisionTransformer
 
 __all__ = ["DistilledVisionTransformer", "distilled_vit", "class_balanced_weights", "drw_weights",
-           "deit_lt_loss", "strong_mix", "SmallResNet", "small_resnet", "balanced_softmax_loss", "SAM",
+           "deit_lt_loss", "strong_mix", "small_resnet", "balanced_softmax_loss", "SAM",
            "sam_training", "DeiTLTStep", "split_classes", "predict_heads", "head_mid_tail_report"]
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -274,51 +274,16 @@ def _beta(a: float, generator: torch.Generator) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the teacher
-class _BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.short = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.short(x))
-
-
-class SmallResNet(nn.Module):
-    """A CIFAR-style ResNet in miniature: 3×3 stem, one basic block per stage (widths, stride 2 after the
-    first stage), global average pool, linear head. ``widths=(16, 32, 64)`` is ResNet-8."""
-
-    def __init__(self, in_chans: int = 1, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)):
-        super().__init__()
-        _check_int(in_chans, "in_chans", "SmallResNet", low=1)
-        _check_int(num_classes, "num_classes", "SmallResNet", low=2)
-        if not isinstance(widths, (tuple, list)) or not widths or not all(
-                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
-            raise ValueError(f"SmallResNet: widths must be a non-empty sequence of positive ints, got {widths!r}")
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
-                                  nn.ReLU())
-        stages, c = [], widths[0]
-        for i, w in enumerate(widths):
-            stages.append(_BasicBlock(c, w, 1 if i == 0 else 2))
-            c = w
-        self.stages = nn.Sequential(*stages)
-        self.fc = nn.Linear(c, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.stages(self.stem(x)).mean(dim=(2, 3)))
-
-
-def small_resnet(data=None, *, in_chans: int = 1, num_classes: int = 10, widths=(16, 32, 64)) -> SmallResNet:
-    """A ``SmallResNet`` shaped for ``data`` (a vitlab ImageDataset), else for in_chans/num_classes."""
+def small_resnet(data=None, *, in_chans: int = 1, num_classes: int = 10, widths=(16, 32, 64)) -> SmallCNN:
+    """The teacher: the course's ``SmallCNN`` as a CIFAR-style ResNet in miniature (3×3 stem at stride 1, one
+    basic block per stage); ``widths=(16, 32, 64)`` is ResNet-8. Shaped for ``data`` (a vitlab ImageDataset),
+    else for in_chans/num_classes."""
     if data is not None:
         if not all(hasattr(data, a) for a in ("in_chans", "num_classes")):
             raise TypeError(f"small_resnet: data must be a vitlab ImageDataset, got {type(data).__name__}")
         in_chans, num_classes = data.in_chans, data.num_classes
-    return SmallResNet(in_chans, num_classes, tuple(widths))
+    return SmallCNN(in_chans, num_classes, tuple(widths) if isinstance(widths, (tuple, list)) else widths,
+                    blocks=1, stem_stride=1)
 
 
 def balanced_softmax_loss(counts) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -37,11 +37,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...augment import cell_mask, mix_targets, paste, soft_cross_entropy
 from ...data import corrupt
+from ...models.cnn import SmallCNN, small_cnn  # the course's CNN; re-exported for the lesson
 
 __all__ = ["PatchMix", "patchmix_step", "SmallCNN", "small_cnn", "replace_out_of_context", "robustness_curves"]
 
@@ -133,66 +133,6 @@ def patchmix_step(mixer: PatchMix):
 
 
 # ------------------------------------------------------------------------------------------------ small CNN
-class _Basic(nn.Module):
-    """ResNet basic block: two 3×3 convs with BatchNorm, and a 1×1 projection where the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-
-class SmallCNN(nn.Module):
-    """A CIFAR-style ResNet: 3×3 stem, stages of basic blocks (stride 2 between stages), global pool, linear.
-
-    widths=(64, 128, 256, 512), blocks=2, stem_stride=1 is ResNet-18 for 32-px images (≈11 M parameters);
-    the default (three 1-block stages, a stride-2 stem) is a ≈0.1 M-parameter net, about vit_nano's size.
-    """
-
-    def __init__(self, in_chans: int = 1, num_classes: int = 10, widths: tuple[int, ...] = (24, 48, 96),
-                 blocks: int = 1, stem_stride: int = 2):
-        super().__init__()
-        _check_int(in_chans, "in_chans", "SmallCNN")
-        _check_int(num_classes, "num_classes", "SmallCNN", low=2)
-        _check_int(blocks, "blocks", "SmallCNN")
-        _check_int(stem_stride, "stem_stride", "SmallCNN")
-        if not isinstance(widths, (tuple, list)) or not widths or not all(
-                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
-            raise ValueError(f"SmallCNN: widths must be a non-empty sequence of positive ints, got {widths!r}")
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, stem_stride, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
-        layers, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            for b in range(blocks):
-                layers.append(_Basic(cin, w, 2 if (i > 0 and b == 0) else 1))
-                cin = w
-        self.stages = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, num_classes)
-        self.num_classes = num_classes
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.stages(self.stem(x)).mean((2, 3)))
-
-
-def small_cnn(data=None, **overrides) -> SmallCNN:
-    """A SmallCNN sized for ``data`` (channels and classes from a vitlab ImageDataset), like ``create_model``."""
-    cfg = {}
-    if data is not None:
-        if not (hasattr(data, "images") and hasattr(data, "num_classes")):
-            raise TypeError(f"small_cnn: data must be a vitlab ImageDataset, got {type(data).__name__}")
-        cfg = dict(in_chans=data.images.shape[1], num_classes=data.num_classes)
-    cfg.update(overrides)
-    return SmallCNN(**cfg)
-
-
 # ------------------------------------------------------------------------------------------------ evaluation
 def replace_out_of_context(images: Tensor, labels: Tensor, fraction: float, patch_size: int, *, seed: int = 0
                            ) -> tuple[Tensor, Tensor]:
