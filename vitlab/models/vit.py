@@ -164,7 +164,9 @@ class Block(nn.Module):
         return norm(x)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        if type(self.mlp.act) is nn.GELU and self.mlp.act.approximate == "none" and _kernels_on(self, x):
+        # the fused kernel reads fc1's weight itself: only for a plain Linear (not, say, a fake-quantised one)
+        if type(self.mlp.fc1) is nn.Linear and type(self.mlp.act) is nn.GELU and self.mlp.act.approximate == "none" \
+                and _kernels_on(self, x):
             from vitlab.kernels.mlp import linear_gelu
 
             h = self.mlp.drop1(linear_gelu(x, self.mlp.fc1.weight, self.mlp.fc1.bias))
