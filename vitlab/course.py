@@ -59,7 +59,7 @@ def collapse_progress(nb) -> None:
 def run_notebook(path: Path, dest: Path, profile: str, results_dir: Path, timeout: int = 1800) -> tuple[bool, float, str]:
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     nb = nbformat.read(path, as_version=4)
     # the inline backend, so figures are saved into the executed notebook as images
@@ -73,7 +73,7 @@ def run_notebook(path: Path, dest: Path, profile: str, results_dir: Path, timeou
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(path.parent)}}).execute()
         ok = True
-    except CellExecutionError as e:
+    except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:  # a failed lesson, not a failed course
         ok, error = False, re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[-1][:300]
     finally:
         for k, v in old.items():
@@ -82,6 +82,8 @@ def run_notebook(path: Path, dest: Path, profile: str, results_dir: Path, timeou
             else:
                 os.environ[k] = v
     collapse_progress(nb)
+    if not ok and dest.resolve() == path.resolve():  # --inplace: a failed run never replaces the lesson
+        dest = results_dir.parent / "failed" / path.name
     dest.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, dest)
     return ok, time.perf_counter() - start, error
