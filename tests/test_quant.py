@@ -352,3 +352,13 @@ def test_bad_input():
         model_size_bits(None)
     with pytest.raises(RuntimeError, match="not calibrated"):
         q(torch.randn(1, 1, 8, 8))
+
+
+def test_mse_params_on_one_signed_channels():
+    # all-positive and all-negative channels (a LayerNorm bias can do this): clipping keeps 0 inside the range
+    from vitlab.quant.calibrate import minmax_params, mse_params
+
+    x = torch.stack([torch.linspace(0.5, 4.0, 64), -torch.linspace(0.1, 2.0, 64), torch.linspace(-1.0, 3.0, 64)])
+    s, z = mse_params(x, 4, axis=0)
+    s0, z0 = minmax_params(x, 4, axis=0)
+    assert (s > 0).all() and (s <= s0 + 1e-12).all() and ((z >= 0) & (z <= 15)).all()

@@ -171,7 +171,8 @@ def mse_params(x: torch.Tensor, bits: int, axis=None, grid=None, symmetric: bool
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or p <= 0:
         raise ValueError(f"{fn}: p must be a positive number, got {p!r}")
     m = channels_first(x, axis)  # [C, n]: channel axis 0 from here on
-    lo, hi = m.amin(1), m.amax(1)
+    # the uniform grid always holds 0, so widen first: clipping an all-positive channel at r·a must not cross lo
+    lo, hi = m.amin(1).clamp(max=0.0), m.amax(1).clamp(min=0.0)
     a = torch.maximum(-lo, hi)
     best_s, best_z = range_params(lo, hi, bits, symmetric)
     best_err = _lp(m, _qdq(m, best_s, best_z, bits, 0), p)
