@@ -82,6 +82,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitlab.kernels import fake_quant as _fq
+from vitlab.checks import check_model as _check_model
 
 __all__ = ["ln_linear_pairs", "linear_inputs", "smoothing_factors", "fold_smoothing", "smoothquant_bias",
            "two_region_fake_quant", "TwoRegionQuantizer", "search_ratio", "quant_error",
@@ -104,12 +105,6 @@ def _check_real(value, name: str, fn: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
         raise ValueError(f"{fn}: {name} must be a number in [{low}, {high}], got {value!r}")
     return float(value)
-
-
-def _check_model(model, fn: str) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
-    return model
 
 
 def _check_images(images, fn: str) -> torch.Tensor:

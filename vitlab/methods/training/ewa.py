@@ -39,6 +39,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from vitlab.checks import check_int as _check_int, check_model as _check_model
 
 __all__ = ["ExpertLinear", "EWAMoE", "random_uniform_partition", "moeify", "moe_layers", "average_experts_",
            "expert_divergence", "collapse", "ewa_optimizer", "fit_ewa"]
@@ -47,14 +48,6 @@ EVAL_ROUTING = ("random", "mean")
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_int(value, name: str, fn: str, *, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{fn}: {name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def _check_share_rate(share_rate, fn: str) -> float:
     if isinstance(share_rate, bool) or not isinstance(share_rate, (int, float)):
         raise TypeError(f"{fn}: share_rate must be a number in [0, 1], got {type(share_rate).__name__} "
@@ -62,12 +55,6 @@ def _check_share_rate(share_rate, fn: str) -> float:
     if not (math.isfinite(share_rate) and 0.0 <= share_rate <= 1.0):
         raise ValueError(f"{fn}: share_rate must be a number in [0, 1], got {share_rate!r}")
     return float(share_rate)
-
-
-def _check_model(model, fn: str) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
-    return model
 
 
 # ------------------------------------------------------------------------------------------------ routing

@@ -42,6 +42,7 @@ from torch import Tensor
 from ...augment import cell_mask, mix_targets, paste, soft_cross_entropy
 from ...data import corrupt
 from ...models.cnn import SmallCNN, small_cnn  # the course's CNN; re-exported for the lesson
+from ...checks import check_int as _check_int
 
 __all__ = ["PatchMix", "patchmix_step", "SmallCNN", "small_cnn", "replace_out_of_context", "robustness_curves"]
 
@@ -50,14 +51,6 @@ SEVERITIES = (1, 2, 3, 4, 5)
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_int(value, name: str, fn: str, *, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{fn}: {name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def _check_fraction(value, name: str, fn: str, *, upper_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{fn}: {name} must be a number in [0, 1], got {type(value).__name__} ({value!r})")
