@@ -173,11 +173,21 @@ class Block(nn.Module):
             return self.mlp.drop2(self.mlp.fc2(self.mlp.norm(h)))
         return self.mlp(x)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, side: Sequence[str] = ()):
+    def forward_attn(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, side: Sequence[str] = ()):
+        """The first half, x + Attn(LN(x)): token-reduction methods act between the two halves."""
         a = self.attn(self._norm(self.norm1, x), attn_bias=attn_bias, side=side)
         a, sides = a if side else (a, None)
         x = x + self.drop_path1(self.ls1(a))
-        x = x + self.drop_path2(self.ls2(self._mlp(self._norm(self.norm2, x))))
+        return (x, sides) if side else x
+
+    def forward_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The second half, x + MLP(LN(x))."""
+        return x + self.drop_path2(self.ls2(self._mlp(self._norm(self.norm2, x))))
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, side: Sequence[str] = ()):
+        out = self.forward_attn(x, attn_bias=attn_bias, side=side)
+        x, sides = out if side else (out, None)
+        x = self.forward_mlp(x)
         return (x, sides) if side else x
 
 
