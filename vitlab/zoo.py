@@ -69,6 +69,12 @@ register("vit_tiny_scenes", Recipe(
     fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
     per_profile={"smoke": dict(epochs=15, batch_size=64, max_train=None), "cpu": dict(epochs=40, batch_size=128),
                  "gpu": dict(epochs=100, batch_size=128)}))
+# The small anchor SN-Netv2 stitches to vit_tiny_scenes (chapter 2): same data and recipe, 4 blocks x 64.
+register("vit_nano_scenes", Recipe(
+    model="vit_nano", data="cluttered_scenes", data_kwargs=dict(img_size=32, in_chans=3),
+    fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
+    per_profile={"smoke": dict(epochs=40, batch_size=128, max_train=None), "cpu": dict(epochs=40, batch_size=128),
+                 "gpu": dict(epochs=100, batch_size=128)}))
 # The GPU chapters' base model (quantisation, efficient inference at scale): CIFAR-100 downloads, so only the
 # gpu profile (or a caller that allows downloads) can train it; offline profiles get load()'s clear error.
 register("vit_small_cifar100", Recipe(
