@@ -67,7 +67,7 @@ register("vit_tiny_mnist5k", Recipe(
 register("vit_tiny_scenes", Recipe(
     model="vit_tiny", data="cluttered_scenes", data_kwargs=dict(img_size=32, in_chans=3),
     fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
-    per_profile={"smoke": dict(epochs=15, batch_size=64, max_train=None), "cpu": dict(epochs=40, batch_size=128),
+    per_profile={"smoke": dict(epochs=40, batch_size=128, max_train=None), "cpu": dict(epochs=40, batch_size=128),
                  "gpu": dict(epochs=100, batch_size=128)}))
 # The small anchor SN-Netv2 stitches to vit_tiny_scenes (chapter 2): same data and recipe, 4 blocks x 64.
 register("vit_nano_scenes", Recipe(
