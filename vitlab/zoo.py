@@ -77,6 +77,10 @@ register("vit_nano_scenes", Recipe(
                  "gpu": dict(epochs=100, batch_size=128)}))
 # The GPU chapters' base model (quantisation, efficient inference at scale): CIFAR-100 downloads, so only the
 # gpu profile (or a caller that allows downloads) can train it; offline profiles get load()'s clear error.
+# SN-Netv2's small anchor on GPU, stitched to vit_small_cifar100 (12 x 192): vit_tiny (6 x 96) on the same data.
+register("vit_tiny_cifar100", Recipe(
+    model="vit_tiny", data="cifar100", data_kwargs={}, fit=dict(lr=1e-3, weight_decay=0.05, warmup=5, shift=4),
+    per_profile={"gpu": dict(epochs=100, batch_size=256)}))
 register("vit_small_cifar100", Recipe(
     model="vit_small", data="cifar100", fit=dict(lr=1e-3, weight_decay=0.05, warmup=5, shift=4),
     per_profile={"gpu": dict(epochs=100, batch_size=256)}))
