@@ -57,6 +57,15 @@ def test_seconds_budget_fixes_a_step_count():
     assert h["step"][-1] >= 1 and h["seconds"][-1] < 10
 
 
+def test_steps_budget_runs_exactly_that_many_steps():
+    _, h = train_once(steps=11)  # 256 images, batch 32: 8 steps per pass, so a second, partial pass
+    assert h["step"] == [8, 11] and h["lr"][-1] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="steps must be"):
+        train_once(steps=0)
+    with pytest.raises(ValueError, match="one of epochs, seconds or steps"):
+        train_once(steps=3, epochs=1)
+
+
 def test_random_shift_is_a_translation():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     out = random_shift(x, torch.tensor([[1, 0]]))

@@ -122,14 +122,15 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, labe
 
 # ------------------------------------------------------------------------------------------------- fit
 def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = None, epochs: int | None = None,
-        seconds: float | None = None, batch_size: int | None = None, optimizer: str = "adamw", lr: float = 1e-3,
+        seconds: float | None = None, steps: int | None = None, batch_size: int | None = None, optimizer: str = "adamw", lr: float = 1e-3,
         weight_decay: float = 0.05, schedule: str = "cosine", warmup: float = 0.1, label_smoothing: float = 0.1,
         shift: int = 2, grad_clip: float | None = 1.0, amp: bool | None = None, compile: bool | None = None,
         seed: int = 0, device=None, progress: bool = True, loss_fn=None, step_fn=None, desc: str = "train") -> dict:
     """Train ``model`` on ``train``; return a history (lists per epoch) for plots.
 
-    epochs / seconds: how long (default: the profile's epochs). ``seconds`` times the first steps and then
-      fixes the step count, so the schedule is exact; for bit-reproducible runs give ``epochs``.
+    epochs / seconds / steps: how long (default: the profile's epochs). ``seconds`` times the first steps and then
+      fixes the step count, so the schedule is exact; for bit-reproducible runs give ``epochs`` or ``steps``
+      (exactly that many optimizer steps of full batches, reshuffling at each pass over the data).
     warmup: fraction of the steps (< 1) or a number of epochs (>= 1) of linear warm-up before the cosine.
     shift: random translation of ±shift pixels (0: no augmentation).
     amp / compile: default to the profile (bf16 autocast and torch.compile in the gpu profile).
@@ -146,8 +147,11 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
     if seconds is not None and (not isinstance(seconds, (int, float)) or seconds <= 0):
         raise ValueError(f"fit: seconds must be a positive number, got {seconds!r}")
-    if epochs is not None and seconds is not None:
-        raise ValueError("fit: give epochs or seconds, not both")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
+        raise ValueError(f"fit: steps must be a positive int, got {steps!r}")
+    if sum(a is not None for a in (epochs, seconds, steps)) > 1:
+        raise ValueError(f"fit: give one of epochs, seconds or steps; got epochs={epochs!r}, seconds={seconds!r}, "
+                         f"steps={steps!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"fit: unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     if not lr > 0:
@@ -184,6 +188,8 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
     steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch: every step sees a full batch
     if seconds is not None:  # time a few steps (then throw them away) to fix the step count
         total_steps = None
+    elif steps is not None:
+        total_steps = steps
     else:
         total_steps = (epochs or P.epochs) * steps_per_epoch
     loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, label_smoothing=label_smoothing))

@@ -194,17 +194,6 @@ class EViT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _exact_subset(train, steps: int, batch_size: int):
-    """(images, labels, epochs): a prefix of ``train`` and an epoch count giving exactly ``steps`` full batches."""
-    images, labels = (train.images, train.labels) if hasattr(train, "images") else train
-    n = len(images)
-    for epochs in range(1, steps + 1):
-        if steps % epochs == 0 and (steps // epochs) * batch_size <= n:
-            m = (steps // epochs) * batch_size
-            return (images[:m], labels[:m]), epochs
-    raise ValueError(f"finetune: train has {n} images, fewer than one batch of {batch_size}")
-
-
 def finetune(model: EViT, train, *, steps: int, profile=None, lr: float = 5e-4, batch_size: int = 64,
              shrink_start: float = 0.0, shrink_end: float = 0.5, seed: int = 0, progress: bool = False,
              val=None) -> dict:
@@ -218,7 +207,6 @@ def finetune(model: EViT, train, *, steps: int, profile=None, lr: float = 5e-4, 
     _check_int(steps, "steps", "finetune")
     if not (0.0 <= shrink_start < shrink_end <= 1.0):
         raise ValueError(f"finetune: need 0 <= shrink_start < shrink_end <= 1, got {shrink_start!r}, {shrink_end!r}")
-    data, epochs = _exact_subset(train, steps, batch_size)
     start, end = int(shrink_start * steps), max(int(shrink_start * steps) + 1, round(shrink_end * steps))
     rates: list[float] = []
 
@@ -228,7 +216,7 @@ def finetune(model: EViT, train, *, steps: int, profile=None, lr: float = 5e-4, 
         logits = net(x, keep_rate=r)
         return F.cross_entropy(logits.float(), y, label_smoothing=0.1), logits
 
-    history = fit(model, data, val, profile=profile, epochs=epochs, batch_size=batch_size, lr=lr, warmup=0.1,
+    history = fit(model, train, val, profile=profile, steps=steps, batch_size=batch_size, lr=lr, warmup=0.1,
                   step_fn=step_fn, seed=seed, progress=progress, desc="EViT fine-tune")
     history["keep_rate"] = rates
     return history

@@ -364,16 +364,6 @@ def consistency_step(r_teacher_max: int, *, consistency: bool = True, threshold:
     return step_fn
 
 
-def _exact_subset(train, steps: int, batch_size: int):
-    """((images, labels), epochs): a prefix of ``train`` and an epoch count giving exactly ``steps`` full batches."""
-    images, labels = (train.images, train.labels) if hasattr(train, "images") else train
-    for epochs in range(1, steps + 1):
-        if steps % epochs == 0 and (steps // epochs) * batch_size <= len(images):
-            m = (steps // epochs) * batch_size
-            return (images[:m], labels[:m]), epochs
-    raise ValueError(f"finetune: train has {len(images)} images, fewer than one batch of {batch_size}")
-
-
 def finetune(model: MCTFViT, train, *, steps: int, profile=None, lr: float = 5e-4, batch_size: int = 64,
              consistency: bool = True, r_teacher_max: int | None = None, seed: int = 0, progress: bool = False,
              val=None) -> dict:
@@ -385,10 +375,9 @@ def finetune(model: MCTFViT, train, *, steps: int, profile=None, lr: float = 5e-
         raise TypeError(f"finetune: model must be an MCTFViT, got {type(model).__name__}")
     _check_int(steps, "steps", "finetune")
     r_teacher_max = max(1, model.r // 2) if r_teacher_max is None else r_teacher_max
-    data, epochs = _exact_subset(train, steps, batch_size)
     gen = torch.Generator().manual_seed(seed)
     step_fn = consistency_step(r_teacher_max, consistency=consistency, generator=gen)
-    return fit(model, data, val, profile=profile, epochs=epochs, batch_size=batch_size, lr=lr, warmup=0.1,
+    return fit(model, train, val, profile=profile, steps=steps, batch_size=batch_size, lr=lr, warmup=0.1,
                step_fn=step_fn, seed=seed, progress=progress, desc="MCTF fine-tune")
 
 
