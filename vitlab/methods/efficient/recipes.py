@@ -69,7 +69,7 @@ def scenes(profile: Profile | str | None = None):
 
 def finetune_steps(profile: Profile | str | None = None) -> int:
     """The fine-tuning budget every method gets in the comparison (optimizer steps, batch 64)."""
-    return {"smoke": 10, "cpu": 300}.get(get_profile(profile).name, 3000)
+    return {"smoke": 5, "cpu": 300}.get(get_profile(profile).name, 3000)
 
 
 def dense_tokens(model: nn.Module) -> int:
