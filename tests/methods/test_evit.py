@@ -7,14 +7,11 @@ import torch
 
 from vitlab.methods.efficient.evit import (EViT, cls_attention_scores, finetune, for_compare, keep_count,
                                            keep_rate_schedule, reorganize)
-from vitlab.models import VisionTransformer
+from model_helpers import tiny_vit
 
 
 def _vit(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=2)
-    cfg.update(kw)
-    return VisionTransformer(**cfg).eval()
+    return tiny_vit(seed, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ by hand
@@ -167,7 +164,7 @@ def test_bad_arguments():
         EViT(vit, 0.5, fuse=1)
     with pytest.raises(TypeError, match="vit"):
         EViT(torch.nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="model"):
+    with pytest.raises(TypeError, match="vit must be"):
         EViT("vit")
     with pytest.raises(ValueError, match="keep_rate"):
         EViT(vit, 0.5)(torch.rand(1, 3, 16, 16), keep_rate=1.5)

@@ -10,15 +10,11 @@ from vitlab.methods.efficient.recipes import Reduced
 from vitlab.methods.efficient.repavit import (RePaBlock, RePaLinearMlp, RePaMlp, _line_fit, _set_bn_affine,
                                               active_channels, ffn_params, for_compare, idle_ratios, match_base_,
                                               recalibrate_bn, reparameterize, to_repa)
-from vitlab.models import VisionTransformer
+from model_helpers import tiny_vit
 
 
 def _vit(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(img_size=16, patch_size=4, in_chans=3, num_classes=3, embed_dim=32, depth=2, num_heads=2,
-               mlp_ratio=2.0)
-    cfg.update(kw)
-    return VisionTransformer(**cfg).eval()
+    return tiny_vit(seed, **{"num_classes": 3, "mlp_ratio": 2.0, **kw})
 
 
 def _randomise_bn(model, seed=0):

@@ -9,15 +9,11 @@ from vitlab import measure
 from vitlab.methods.efficient.recipes import Reduced
 from vitlab.methods.efficient.sit import (HardDrop, ReverseTSM, SiT, TokenSlimming, default_stages, finetune,
                                           for_compare, frd_loss, slim, teacher_tokens)
-from vitlab.models import VisionTransformer
+from model_helpers import tiny_vit
 
 
 def _vit(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(img_size=16, patch_size=4, in_chans=3, num_classes=3, embed_dim=32, depth=2, num_heads=2,
-               mlp_ratio=2.0)
-    cfg.update(kw)
-    return VisionTransformer(**cfg).eval()
+    return tiny_vit(seed, **{"num_classes": 3, "mlp_ratio": 2.0, **kw})
 
 
 # ------------------------------------------------------------------------------------------------ TSM

@@ -10,15 +10,11 @@ from vitlab.methods.efficient.sparsifiner import (ConnectivityPredictor, SparseA
                                                   for_compare, last_masks, masked_attention, mhsa_flops,
                                                   model_gflops, random_mask, recon_loss, sparse_attention,
                                                   sparse_layers, sparsify, train_predictor, window_mask)
-from vitlab.models import VisionTransformer
+from model_helpers import tiny_vit
 
 
 def _vit(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(img_size=16, patch_size=4, in_chans=3, num_classes=4, embed_dim=32, depth=2, num_heads=2,
-               mlp_ratio=2.0)
-    cfg.update(kw)
-    return VisionTransformer(**cfg).eval()
+    return tiny_vit(seed, **{"num_classes": 4, "mlp_ratio": 2.0, **kw})
 
 
 def _data(n=32, seed=0):

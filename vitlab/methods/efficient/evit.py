@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitlab.checks import check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_cls_vit, check_int as _check_int, check_model as _check_model
 from vitlab.tokens import gather_tokens, keep_top_k
 
 __all__ = ["keep_count", "cls_attention_scores", "reorganize", "keep_rate_schedule", "EViT", "finetune",
@@ -133,11 +133,7 @@ class EViT(nn.Module):
     def __init__(self, vit: nn.Module, keep_rate: float = DEFAULT_KEEP_RATE, reduce_at=DEFAULT_REDUCE_AT,
                  fuse: bool = True):
         super().__init__()
-        _check_model(vit, "EViT")
-        if not all(hasattr(vit, a) for a in ("embed", "blocks", "norm", "forward_head")) or \
-                getattr(vit, "cls_token", None) is None or getattr(vit, "num_prefix_tokens", 1) != 1:
-            raise TypeError(f"EViT: vit must be a vitlab VisionTransformer with a CLS token and no registers, "
-                            f"got {type(vit).__name__}")
+        check_cls_vit(vit, "EViT")
         depth = len(vit.blocks)
         if isinstance(reduce_at, int) and not isinstance(reduce_at, bool):
             reduce_at = (reduce_at,)

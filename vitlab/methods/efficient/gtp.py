@@ -36,7 +36,7 @@ import math
 import torch
 import torch.nn as nn
 
-from vitlab.checks import check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_cls_vit, check_int as _check_int, check_model as _check_model
 from vitlab.tokens import gather_tokens, proportional_bias
 
 __all__ = ["spatial_graph", "semantic_graph", "mixed_graph", "normalize_graph", "mixed_attn_max", "select",
@@ -183,11 +183,7 @@ class GTP(nn.Module):
                  propagation: str = "graph", graph: str = "mixed", num_neighbours: int = 8, alpha: float = 0.1,
                  token_scale: bool = True, seed: int = 0):
         super().__init__()
-        _check_model(vit, "GTP")
-        if not all(hasattr(vit, a) for a in ("embed", "blocks", "norm", "forward_head")) or \
-                getattr(vit, "cls_token", None) is None or getattr(vit, "num_prefix_tokens", 1) != 1:
-            raise TypeError(f"GTP: vit must be a vitlab VisionTransformer with a CLS token and no registers, "
-                            f"got {type(vit).__name__}")
+        check_cls_vit(vit, "GTP")
         depth = len(vit.blocks)
         if isinstance(num_prop, int) and not isinstance(num_prop, bool):
             num_prop = [num_prop] * depth
