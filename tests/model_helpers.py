@@ -10,3 +10,13 @@ def tiny_vit(seed: int = 0, **overrides) -> VisionTransformer:
     cfg = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=2,
                mlp_ratio=4.0)
     return VisionTransformer(**(cfg | overrides)).eval()
+
+
+def toy_train(n: int = 64, num_classes: int = 5, img_size: int = 16, seed: int = 0):
+    """A seeded ImageDataset of random 3-channel images and labels: enough for a method's ``for_compare`` to run."""
+    from vitlab.data import ImageDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return ImageDataset(torch.rand(n, 3, img_size, img_size, generator=g),
+                        torch.randint(0, num_classes, (n,), generator=g), name="toy", split="train",
+                        classes=[str(c) for c in range(num_classes)])

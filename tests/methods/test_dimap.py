@@ -9,6 +9,7 @@ from vitlab.methods.efficient.dimap import (MODULE_KINDS, apply_masks_, dimap_im
                                             module_sparsity, prunable, prune_masks, sparsity, tiny_swin)
 from vitlab.methods.efficient.recipes import Reduced
 from vitlab.models import VisionTransformer
+from model_helpers import toy_train
 
 
 def _vit(seed=0):
@@ -109,14 +110,11 @@ def test_masked_finetune_keeps_pruned_weights_zero():
 
 
 def test_for_compare_returns_a_sane_reduced():
-    from vitlab.data import ImageDataset
     from vitlab.methods.efficient import dimap
 
     base = _vit()
     before = copy.deepcopy(base.state_dict())
-    g = torch.Generator().manual_seed(0)
-    train = ImageDataset(torch.rand(64, 3, 16, 16, generator=g), torch.randint(0, 5, (64,), generator=g),
-                         name="toy", split="train", classes=list("abcde"))
+    train = toy_train()
     out = dimap.for_compare(base, train, "smoke")
     assert isinstance(out, Reduced) and out.tokens_per_block is None and "DIMAP" in out.note
     assert abs(out.extra["sparsity"] - 0.5) < 1e-3 and out.extra["nonzero_gflops"] < out.extra["dense_gflops"]

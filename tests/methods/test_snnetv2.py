@@ -9,6 +9,7 @@ from vitlab.methods.efficient.snnetv2 import (SNNetv2, StitchLinear, config_flop
                                               group_by_flops, least_squares_stitch, mid_config, sample_config,
                                               selective_forward, stitch_configs, v1_configs)
 from vitlab.models import VisionTransformer
+from model_helpers import toy_train
 
 
 def _vit(depth, dim, seed=0, heads=2):
@@ -179,16 +180,13 @@ def test_bad_anchors():
 
 def test_for_compare_returns_a_sane_reduced(monkeypatch):
     from vitlab import zoo
-    from vitlab.data import ImageDataset
     from vitlab.methods.efficient import snnetv2
 
     monkeypatch.setattr(zoo, "get", lambda name, P=None, **kw: _vit(2, 16, seed=3))
     monkeypatch.setattr(snnetv2, "SMALL_ANCHOR", {"smoke": "vit_nano_scenes"})
     base = _vit(3, 24, seed=4)
     before = copy.deepcopy(base.state_dict())
-    g = torch.Generator().manual_seed(0)
-    train = ImageDataset(torch.rand(64, 3, 16, 16, generator=g), torch.randint(0, 5, (64,), generator=g),
-                         name="toy", split="train", classes=list("abcde"))
+    train = toy_train()
     out = snnetv2.for_compare(base, train, "smoke")
     assert isinstance(out, Reduced) and out.tokens_per_block is None and "SN-Netv2" in out.note
     assert not out.model.training and out.model(torch.rand(2, 3, 16, 16)).shape == (2, 5)
