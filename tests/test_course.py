@@ -23,3 +23,20 @@ def test_outputs_without_carriage_returns_are_untouched():
     nb = nbformat.v4.new_notebook(cells=[cell])
     collapse_progress(nb)
     assert nb.cells[0].outputs[0].text == "1\n\n2\n" and len(nb.cells[0].outputs) == 2
+
+
+def test_run_records_the_profile_and_time_in_the_notebook(tmp_path):
+    import nbformat
+
+    from vitlab.course import run_notebook
+
+    src = tmp_path / "lesson.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os; print(os.environ['VITLAB_PROFILE'])")])
+    nbformat.write(nb, src)
+    ok, secs, err = run_notebook(src, tmp_path / "out" / "lesson.ipynb", "smoke", tmp_path / "results")
+    assert ok and not err
+    done = nbformat.read(tmp_path / "out" / "lesson.ipynb", as_version=4)
+    assert done.metadata["vitlab"]["profile"] == "smoke" and done.metadata["vitlab"]["passed"] is True
+    assert 0 < done.metadata["vitlab"]["seconds"] <= secs + 1
+    assert done.cells[0].outputs[0].text.strip() == "smoke"
+    assert "iopub.execute_input" in done.cells[0].metadata["execution"]  # the per-cell timing the budget test reads

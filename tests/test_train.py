@@ -107,3 +107,10 @@ def test_step_fn_and_loss_fn_are_exclusive():
         train_once(epochs=1, loss_fn=lambda a, b: a.sum(), step_fn=lambda n, x, y: (x.sum(), x))
     with pytest.raises(TypeError, match="step_fn must be callable"):
         train_once(epochs=1, step_fn=3)
+
+
+def test_fit_does_not_augment_unless_asked():
+    # augmentation is a recipe choice a lesson states (fit(..., shift=2)), never a silent default
+    import inspect
+
+    assert inspect.signature(fit).parameters["shift"].default == 0

@@ -17,8 +17,8 @@ __all__ = ["record", "collect", "to_markdown"]
 def _plain(v):
     if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
         v = v.item()
-    if isinstance(v, float):
-        return round(v, 4)
+    if isinstance(v, float):  # significant digits, so a gap of 3e-7 does not print as 0.0
+        return float(f"{v:.4g}")
     return v if isinstance(v, (int, str, bool)) or v is None else str(v)
 
 

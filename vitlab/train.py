@@ -124,7 +124,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, labe
 def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = None, epochs: int | None = None,
         seconds: float | None = None, steps: int | None = None, batch_size: int | None = None, optimizer: str = "adamw", lr: float = 1e-3,
         weight_decay: float = 0.05, schedule: str = "cosine", warmup: float = 0.1, label_smoothing: float = 0.1,
-        shift: int = 2, grad_clip: float | None = 1.0, amp: bool | None = None, compile: bool | None = None,
+        shift: int = 0, grad_clip: float | None = 1.0, amp: bool | None = None, compile: bool | None = None,
         seed: int = 0, device=None, progress: bool = True, loss_fn=None, step_fn=None, desc: str = "train") -> dict:
     """Train ``model`` on ``train``; return a history (lists per epoch) for plots.
 
@@ -132,7 +132,8 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
       fixes the step count, so the schedule is exact; for bit-reproducible runs give ``epochs`` or ``steps``
       (exactly that many optimizer steps of full batches, reshuffling at each pass over the data).
     warmup: fraction of the steps (< 1) or a number of epochs (>= 1) of linear warm-up before the cosine.
-    shift: random translation of ±shift pixels (0: no augmentation).
+    shift: random translation of ±shift pixels. Default 0 (no augmentation): augmentation is a recipe choice
+      the caller states, never a silent default.
     amp / compile: default to the profile (bf16 autocast and torch.compile in the gpu profile).
     loss_fn(logits, labels) replaces label-smoothed cross-entropy (e.g. for distillation).
     step_fn(net, images, labels) -> (loss, logits) replaces the whole forward pass and loss, for recipes that

@@ -213,7 +213,7 @@ def finetune(model: EViT, train, *, steps: int, profile=None, lr: float = 5e-4, 
         return F.cross_entropy(logits.float(), y, label_smoothing=0.1), logits
 
     history = fit(model, train, val, profile=profile, steps=steps, batch_size=batch_size, lr=lr, warmup=0.1,
-                  step_fn=step_fn, seed=seed, progress=progress, desc="EViT fine-tune")
+                  shift=2, step_fn=step_fn, seed=seed, progress=progress, desc="EViT fine-tune")
     history["keep_rate"] = rates
     return history
 

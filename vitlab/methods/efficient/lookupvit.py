@@ -409,7 +409,7 @@ def fit_multires(model: nn.Module, train, val=None, *, grids=GRIDS, steps: int, 
         return F.cross_entropy(logits.float(), y, label_smoothing=0.1), logits
 
     return fit(model, data, val, profile=profile, epochs=epochs, batch_size=batch_size, lr=lr,
-               step_fn=None if grids is None else step_fn, warmup=0.1, seed=seed, progress=progress, desc=desc)
+               step_fn=None if grids is None else step_fn, warmup=0.1, shift=2, seed=seed, progress=progress, desc=desc)
 
 
 def for_compare(base, train, profile):

@@ -378,7 +378,7 @@ def finetune(model: MCTFViT, train, *, steps: int, profile=None, lr: float = 5e-
     gen = torch.Generator().manual_seed(seed)
     step_fn = consistency_step(r_teacher_max, consistency=consistency, generator=gen)
     return fit(model, train, val, profile=profile, steps=steps, batch_size=batch_size, lr=lr, warmup=0.1,
-               step_fn=step_fn, seed=seed, progress=progress, desc="MCTF fine-tune")
+               shift=2, step_fn=step_fn, seed=seed, progress=progress, desc="MCTF fine-tune")
 
 
 def for_compare(base: nn.Module, train, profile) -> "Reduced":

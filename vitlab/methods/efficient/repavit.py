@@ -359,8 +359,8 @@ def for_compare(base: nn.Module, train, profile) -> "Reduced":
     per_epoch = max(1, len(images) // 64)
     epochs = next(e for e in range(math.ceil(steps / per_epoch), steps + 1) if steps % e == 0)
     sub = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))[:steps // epochs * 64]
-    fit(model, (images[sub], labels[sub]), None, profile=profile, epochs=epochs, batch_size=64, lr=1e-4, seed=0,
-        progress=False, desc="RePaViT")
+    fit(model, (images[sub], labels[sub]), None, profile=profile, epochs=epochs, batch_size=64, lr=1e-4, shift=2,
+        seed=0, progress=False, desc="RePaViT")
     recalibrate_bn(model, calib)
     fast = reparameterize(model)
     return Reduced(fast, None, None, f"idle 0.75 ({model.blocks[0].mlp.act_channels} of "

@@ -408,7 +408,7 @@ def finetune(student: SiT, teacher: nn.Module | None, train, *, steps: int, dist
         return out["loss"], s_logits
 
     hist = fit(student, (images[sub], labels[sub]), None, profile=profile, epochs=epochs, batch_size=batch_size,
-               lr=lr, optimizer=_optimizer(_check_ratio(new_lr_scale, "new_lr_scale", "finetune")), seed=seed,
+               lr=lr, optimizer=_optimizer(_check_ratio(new_lr_scale, "new_lr_scale", "finetune")), shift=2, seed=seed,
                progress=progress, desc=desc, step_fn=step_fn if distill else None)
     hist["parts"] = parts
     return hist

@@ -316,7 +316,7 @@ def finetune(model: nn.Module, train, steps: int, *, lr: float = 3e-4, batch_siz
 
     _check_model(model, "finetune")
     return fit(model, step_batches(train, steps, batch_size, seed), None, profile=profile, epochs=1,
-               batch_size=batch_size, lr=lr, seed=seed, progress=progress, desc="stvit")
+               batch_size=batch_size, lr=lr, shift=2, seed=seed, progress=progress, desc="stvit")
 
 
 @torch.no_grad()

@@ -1,0 +1,37 @@
+import math
+
+import pytest
+
+from vitlab.stats import paired_gap, spread
+
+
+def test_spread_by_hand():
+    s = spread([1.0, 2.0, 3.0])  # sample std 1, so SE = 1 / sqrt(3)
+    assert s.mean == 2.0 and s.n == 3 and math.isclose(s.se, 1 / math.sqrt(3))
+    assert math.isclose(s.lower(), 2 - 2 / math.sqrt(3)) and math.isclose(s.upper(1), 2 + 1 / math.sqrt(3))
+    assert f"{spread([0.5, 0.7]):.1%}" == "60.0 % ± 10.0 %"
+
+
+def test_paired_gap_cancels_what_seeds_share():
+    # the control moves a lot with the seed, the method is always 0.02 ahead: the gap has no spread
+    g = paired_gap([0.62, 0.72, 0.52], [0.60, 0.70, 0.50])
+    assert math.isclose(g.mean, 0.02) and g.se < 1e-12 and g.lower() > 0.019
+    assert f"{g:+.1%}".startswith("+2.0 %")
+
+
+def test_one_seed_checks_the_sign_only():
+    g = paired_gap([0.6], [0.5])
+    assert math.isnan(g.se) and g.lower() == g.mean == g.upper()
+    assert "1 seed" in f"{g:.2f}"
+
+
+@pytest.mark.parametrize("args, exc, word", [
+    (([0.5, 0.6], [0.5]), ValueError, "one value per seed"),
+    (([], []), ValueError, "method is empty"),
+    (("abc", [0.5]), TypeError, "method"),
+    (([float("nan")], [0.5]), ValueError, "finite"),
+    (([True], [0.5]), ValueError, "finite"),
+])
+def test_bad_input(args, exc, word):
+    with pytest.raises(exc, match=word):
+        paired_gap(*args)

@@ -1,0 +1,77 @@
+"""Seed statistics for "method vs control" claims: a mean, its standard error, and a margin that can fail.
+
+A lesson that claims "the method beats its control" trains both with the same steps, lr, data and seeds, then
+
+    gap = stats.paired_gap(method_accs, control_accs)     # per-seed differences, method - control
+    assert gap.lower() > 0, gap                            # mean - 2 SE of the paired differences
+    display(Markdown(f"The method is {gap:+.1%} ahead of its control."))
+
+Paired differences cancel what the seeds share (initialisation, batch order, data draw), so the margin is the
+spread of the *effect*, not of each run. With one seed (the smoke profile) the standard error is unknown: it is
+reported as nan and ``lower``/``upper`` fall back to the mean, so a smoke run still checks the sign.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["Spread", "spread", "paired_gap"]
+
+
+def _floats(values, name: str, fn: str) -> list[float]:
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{fn}: {name} must be a sequence of numbers, got {type(values).__name__}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{fn}: {name} must hold finite numbers, got {v!r}")
+        out.append(float(v))
+    if not out:
+        raise ValueError(f"{fn}: {name} is empty; expected one value per seed")
+    return out
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean and standard error of the mean over ``n`` seeds (se is nan for one seed)."""
+    mean: float
+    se: float
+    n: int
+
+    def lower(self, k: float = 2.0) -> float:
+        """mean - k SE (the mean itself when the SE is unknown)."""
+        return self.mean - k * self.se if self.n > 1 else self.mean
+
+    def upper(self, k: float = 2.0) -> float:
+        """mean + k SE (the mean itself when the SE is unknown)."""
+        return self.mean + k * self.se if self.n > 1 else self.mean
+
+    def __format__(self, spec: str) -> str:
+        """``f"{s:.1%}"`` gives "61.2 % ± 0.4 %" (mean ± SE); the format applies to both."""
+        spec = spec or ".4g"
+        mean = format(self.mean, spec).replace("%", " %")
+        if self.n < 2:
+            return f"{mean} (1 seed)"
+        se = format(self.se, spec.lstrip("+")).replace("%", " %")
+        return f"{mean} ± {se}"
+
+
+def spread(values) -> Spread:
+    """Mean ± standard error of the mean (sample std / sqrt(n)) of per-seed values."""
+    xs = _floats(values, "values", "spread")
+    n = len(xs)
+    mean = sum(xs) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan")
+    return Spread(mean, se, n)
+
+
+def paired_gap(method, control) -> Spread:
+    """Spread of the per-seed differences ``method[i] - control[i]`` (same seeds, same order)."""
+    a = _floats(method, "method", "paired_gap")
+    b = _floats(control, "control", "paired_gap")
+    if len(a) != len(b):
+        raise ValueError(f"paired_gap: method and control need one value per seed each, got {len(a)} and {len(b)}")
+    return spread([x - y for x, y in zip(a, b)])
