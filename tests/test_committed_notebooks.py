@@ -1,8 +1,8 @@
 """What the committed notebooks promise a reader, checked on the files themselves (no kernel runs here).
 
-1. Budget: the committed outputs come from a ``cpu``-profile run (``make notebooks`` records the profile in the
-   notebook's metadata) that took at most 300 s for a lesson and 900 s for a chapter's ``compare`` (the sum
-   of the cells' execution times, as nbclient records them).
+1. Budget: the committed outputs come from a passing ``cpu``-profile run (``make notebooks`` records the profile
+   in the notebook's metadata) that took at most 300 s for a lesson and 900 s for a chapter's ``compare`` (the
+   sum of the cells' execution times, as nbclient records them), with no warnings or local paths on stderr.
 2. Numbers from the run: a markdown cell under "Reading the results" (or a ``**Reading ...**`` lead) or
    "What we verified" holds no decimal number and no percentage. Results are quoted by code
    (``display(Markdown(f"..."))``), so the prose cannot go stale when the run changes.
@@ -128,6 +128,10 @@ def test_committed_outputs_are_a_cpu_run_within_budget(nb):
     assert meta.get("profile") == "cpu", f"{nb}: committed outputs must come from `make notebooks` (cpu profile), " \
                                          f"metadata says {meta or 'nothing'}"
     assert meta.get("passed") is True, f"{nb}: the committed run failed"
+    noise = [(i, line) for i, cell in enumerate(doc["cells"]) for out in cell.get("outputs", [])
+             if out.get("name") == "stderr" for line in "".join(out["text"]).splitlines()
+             if "Warning" in line or str(ROOT) in line]
+    assert not noise, f"{nb}: warnings or local paths in committed stderr output: {noise[:3]}"
     budget = COMPARE_SECONDS if nb.endswith("/compare.ipynb") else LESSON_SECONDS
     secs = _cpu_run_seconds(doc["cells"])
     assert secs <= budget, f"{nb}: the committed cpu run took {secs:.0f} s; the budget is {budget} s"

@@ -5,6 +5,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
+import vitlab
+
 from vitlab import zoo
 import zoo_helpers as zh
 
@@ -85,3 +87,46 @@ def test_two_processes_at_once_train_once_and_agree(tmp_path):
 def test_unknown_name_lists_the_valid_ones():
     with pytest.raises(ValueError, match="vit_tiny_mnist5k"):
         zoo.get("no_such_model")
+
+
+def test_metrics_record_train_val_test_and_the_plateau(ckpts):
+    _, info = zoo.get(zh.NAME, "smoke", progress=False, return_info=True)
+    m = info["metrics"]
+    assert {"train_acc", "val_acc", "test_acc", "plateau_gain"} <= set(m)
+    assert all(0.0 <= m[k] <= 1.0 for k in ("train_acc", "val_acc", "test_acc"))
+    assert len(info["history"]["val_acc"]) == info["config"]["fit"]["epochs"]
+
+
+def test_plateau_gain_by_hand():
+    # best of the last quarter (0.80) minus the best before it (0.79): still rising by a point
+    assert zoo.plateau_gain([0.5, 0.7, 0.75, 0.79, 0.78, 0.79, 0.78, 0.80]) == pytest.approx(0.01)
+    assert zoo.plateau_gain([0.5, 0.9, 0.9, 0.89]) == pytest.approx(-0.01)  # flat: more epochs would not help
+
+
+def test_a_profile_can_share_another_profiles_checkpoint(ckpts):
+    name = "test_vit_digits8_shared"
+    if name not in zoo.ZOO:
+        zoo.register(name, zoo.Recipe(model="vit_nano", data="digits8", train_kwargs={},
+                                      fit=dict(epochs=1, lr=1e-3, batch_size=64), shares={"smoke": "cpu"}))
+    assert zoo.path_for(name, "smoke") == zoo.path_for(name, "cpu") == ckpts / f"{name}-cpu.pt"
+    smoke_model, info = zoo.get(name, "smoke", progress=False, return_info=True)
+    assert info["config"]["profile"] == "cpu" and not (ckpts / f"{name}-smoke.pt").exists()
+    assert zoo.state_hash(zoo.get(name, "cpu").state_dict()) == zoo.state_hash(smoke_model.state_dict())
+
+
+def test_train_kwargs_reach_the_train_split_only(monkeypatch):
+    seen = {}
+    from vitlab import data as vdata
+
+    real = vdata.load
+
+    def spy(name, split, profile=None, **kw):
+        seen[split] = kw
+        return real(name, split, profile, **kw)
+
+    monkeypatch.setattr(vdata, "load", spy)
+    recipe = zoo.Recipe(model="vit_nano", data="cluttered_scenes", data_kwargs=dict(img_size=32),
+                        train_kwargs=dict(n=300), fit=dict(epochs=1, batch_size=100))
+    payload = zoo._train("t", recipe, vitlab.profile("smoke"), progress=False)
+    assert seen["train"]["n"] == 300 and "n" not in seen["val"] and "n" not in seen["test"]
+    assert payload["config"]["train_kwargs"] == {"n": 300}

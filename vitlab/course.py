@@ -63,8 +63,9 @@ def run_notebook(path: Path, dest: Path, profile: str, results_dir: Path, timeou
 
     nb = nbformat.read(path, as_version=4)
     # the inline backend, so figures are saved into the executed notebook as images
+    # tqdm.auto's plea for ipywidgets (its text bars work headless) would be committed as stderr noise
     env = {"VITLAB_PROFILE": profile, "VITLAB_RESULTS_DIR": str(results_dir),
-           "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+           "MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYTHONWARNINGS": "ignore:IProgress not found"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     start = time.perf_counter()

@@ -9,7 +9,10 @@ Nothing here downloads weights. What a lesson needs "pretrained", the course tra
                                         ─▶ train the recipe ─▶ write temp file ─▶ fsync ─▶ rename
 
 The rename is atomic, so a reader sees the old file or the new one, never half of one; the lock means two
-notebooks started together train once. Each file carries its recipe and a SHA-256 of its weights.
+notebooks started together train once. Each file carries its recipe, a SHA-256 of its weights, its training
+curve and its accuracy on train (no augmentation), val and test: a base is trained until more epochs no longer
+raise its accuracy (``metrics["plateau_gain"]``, the val-accuracy gain over the last quarter of the epochs, says
+how close it came), and train vs test says whether it is underfit.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from filelock import FileLock
 from .profiles import Profile, profile as get_profile
 
 __all__ = ["Recipe", "ZOO", "register", "get", "path_for", "save_checkpoint", "load_checkpoint",
-           "state_hash", "checkpoint_dir"]
+           "state_hash", "checkpoint_dir", "plateau_gain"]
 
 FORMAT = 1
 
@@ -38,16 +41,26 @@ class Recipe:
     model: str
     data: str
     data_kwargs: dict = field(default_factory=dict)
+    train_kwargs: dict = field(default_factory=dict)  # for the train split only (e.g. n= more generated scenes)
     fit: dict = field(default_factory=dict)  # defaults for every profile
     per_profile: dict = field(default_factory=dict)  # profile name -> overrides of `fit` (and "max_train")
     seed: int = 0
+    # profile name -> the profile whose checkpoint it loads: {"smoke": "cpu"} gives CI the real base model
+    # (committed once) instead of a smoke-sized one that would make every comparison built on it noise
+    shares: dict = field(default_factory=dict)
+
+    def checkpoint_profile(self, profile_name: str) -> str:
+        return self.shares.get(profile_name, profile_name)
 
     def config(self, profile_name: str) -> dict[str, Any]:
         """Everything that determines the weights: a checkpoint made from another config is not trusted."""
         fit_kwargs = {**self.fit, **self.per_profile.get(profile_name, {})}
         max_train = fit_kwargs.pop("max_train", "profile")
-        return {"model": self.model, "data": self.data, "data_kwargs": dict(self.data_kwargs),
-                "fit": fit_kwargs, "max_train": max_train, "seed": self.seed, "profile": profile_name}
+        cfg = {"model": self.model, "data": self.data, "data_kwargs": dict(self.data_kwargs),
+               "fit": fit_kwargs, "max_train": max_train, "seed": self.seed, "profile": profile_name}
+        if self.train_kwargs:  # only when set, so older checkpoints' configs still match
+            cfg["train_kwargs"] = dict(self.train_kwargs)
+        return cfg
 
 
 ZOO: dict[str, Recipe] = {}
@@ -60,21 +73,22 @@ def register(name: str, recipe: Recipe) -> None:
 
 
 # The course's base models. smoke: trained in well under a minute; cpu: a few minutes; gpu: longer.
+# smoke shares the cpu checkpoint (committed): lessons built on a base need a trained one in CI too
 register("vit_tiny_mnist5k", Recipe(
     model="vit_tiny", data="mnist5k", fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
-    per_profile={"smoke": dict(epochs=15, batch_size=64, max_train=None), "cpu": dict(epochs=60, batch_size=128),
-                 "gpu": dict(epochs=100, batch_size=128)}))
+    per_profile={"cpu": dict(epochs=60, batch_size=128), "gpu": dict(epochs=100, batch_size=128)},
+    shares={"smoke": "cpu"}))
 register("vit_tiny_scenes", Recipe(
     model="vit_tiny", data="cluttered_scenes", data_kwargs=dict(img_size=32, in_chans=3),
     fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
     per_profile={"smoke": dict(epochs=40, batch_size=128, max_train=None), "cpu": dict(epochs=40, batch_size=128),
                  "gpu": dict(epochs=100, batch_size=128)}))
-# The small anchor SN-Netv2 stitches to vit_tiny_scenes (chapter 2): same data and recipe, 4 blocks x 64.
+# The small anchor SN-Netv2 stitches to vit_tiny_scenes (chapter 2): 4 blocks x 64, the default 4,000 scenes.
 register("vit_nano_scenes", Recipe(
     model="vit_nano", data="cluttered_scenes", data_kwargs=dict(img_size=32, in_chans=3),
     fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
-    per_profile={"smoke": dict(epochs=40, batch_size=128, max_train=None), "cpu": dict(epochs=40, batch_size=128),
-                 "gpu": dict(epochs=100, batch_size=128)}))
+    per_profile={"cpu": dict(epochs=40, batch_size=128), "gpu": dict(epochs=100, batch_size=128)},
+    shares={"smoke": "cpu"}))
 # The GPU chapters' base model (quantisation, efficient inference at scale): CIFAR-100 downloads, so only the
 # gpu profile (or a caller that allows downloads) can train it; offline profiles get load()'s clear error.
 # SN-Netv2's small anchor on GPU, stitched to vit_small_cifar100 (12 x 192): vit_tiny (6 x 96) on the same data.
@@ -93,8 +107,8 @@ def checkpoint_dir() -> Path:
 
 
 def path_for(name: str, profile: Profile | str | None = None) -> Path:
-    _recipe(name)
-    return checkpoint_dir() / f"{name}-{get_profile(profile).name}.pt"
+    """The file ``get(name, profile)`` reads: ``<name>-<profile>.pt``, or the profile whose checkpoint it shares."""
+    return checkpoint_dir() / f"{name}-{_recipe(name).checkpoint_profile(get_profile(profile).name)}.pt"
 
 
 def _recipe(name: str) -> Recipe:
@@ -153,18 +167,29 @@ def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
 
     cfg = recipe.config(P.name)
     data_profile = P if cfg["max_train"] == "profile" else P.replace(max_train=cfg["max_train"])
-    train = vdata.load(recipe.data, "train", data_profile, seed=recipe.seed, **recipe.data_kwargs)
+    train = vdata.load(recipe.data, "train", data_profile, seed=recipe.seed,
+                       **{**recipe.data_kwargs, **recipe.train_kwargs})
     val = vdata.load(recipe.data, "val", data_profile, seed=recipe.seed, **recipe.data_kwargs)
     test = vdata.load(recipe.data, "test", data_profile, seed=recipe.seed, **recipe.data_kwargs)
     seed_everything(recipe.seed)
     model = create_model(recipe.model, data=train)
     history = fit(model, train, val, profile=P, seed=recipe.seed, progress=progress, desc=f"zoo {name}",
                   **cfg["fit"])
-    metrics = {"val_acc": history["val_acc"][-1], "test_acc": evaluate(model, test)["acc"],
-               "train_seconds": history["seconds"][-1]}
+    metrics = {"train_acc": evaluate(model, train)["acc"], "val_acc": history["val_acc"][-1],
+               "test_acc": evaluate(model, test)["acc"], "train_seconds": history["seconds"][-1],
+               "plateau_gain": plateau_gain(history["val_acc"])}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"format": FORMAT, "name": name, "config": cfg, "model_config": model_config(recipe.model, data=train),
             "state_dict": state, "sha256": state_hash(state), "metrics": metrics, "history": history}
+
+
+def plateau_gain(val_acc: list[float]) -> float:
+    """How much val accuracy still rose over the last quarter of the epochs: the best of that quarter minus the
+    best before it. Near zero (or negative) means more epochs would not have helped: the model has plateaued."""
+    k = max(1, len(val_acc) // 4)
+    if len(val_acc) <= k:
+        return float("nan")
+    return max(val_acc[-k:]) - max(val_acc[:-k])
 
 
 def _valid(path: Path, cfg: dict) -> dict | None:
@@ -188,7 +213,7 @@ def get(name: str, profile: Profile | str | None = None, *, retrain: bool = Fals
     return_info=True also returns the checkpoint's metadata (config, metrics, history, path).
     """
     recipe = _recipe(name)
-    P = get_profile(profile)
+    P = get_profile(recipe.checkpoint_profile(get_profile(profile).name))  # the profile that trains the weights
     cfg = recipe.config(P.name)
     path = path_for(name, P)
     payload = None if retrain else _valid(path, cfg)
