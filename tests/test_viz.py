@@ -147,3 +147,12 @@ def test_figures_save(tmp_path):
 def test_bad_inputs_raise(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+def test_attention_maps_colorbar_names_what_is_drawn():
+    fig = viz.attention_maps(images(2, size=8), torch.rand(2, 4), patch_size=4)
+    assert fig.axes[-1].get_ylabel() == "relative attention"
+    fig = viz.attention_maps(images(2, size=8), (torch.rand(2, 4) > 0.5).float(), patch_size=4, label="kept token")
+    assert fig.axes[-1].get_ylabel() == "kept token"
+    with pytest.raises(TypeError, match="label"):
+        viz.attention_maps(images(2, size=8), torch.rand(2, 4), patch_size=4, label=3)

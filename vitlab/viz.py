@@ -127,13 +127,14 @@ def _patch_grid(patch_size, h: int, w: int, fn: str) -> tuple[int, int]:
 
 
 def attention_maps(images, attn, *, patch_size, alpha: float = 0.5, titles=None, ncols: int = 8,
-                   mode: str = "bilinear") -> Figure:
+                   mode: str = "bilinear", label: str = "relative attention") -> Figure:
     """Per-patch attention upsampled onto each image and overlaid as a heatmap, with one colorbar.
 
     ``attn``: [N, P] (e.g. the CLS row averaged over heads, CLS column dropped) drawn as a grid of
     ``ncols`` columns, or [N, heads, P] drawn as one row per image and one column per head.
     P = (H / patch_size) * (W / patch_size). Each map is min-max scaled to [0, 1] so the colour shows
-    where a map looks, not how peaked it is; ``mode`` is "bilinear" or "nearest" (patch blocks).
+    where a map looks, not how peaked it is; ``mode`` is "bilinear" or "nearest" (patch blocks). ``label`` names
+    the colorbar: say what the map is when it is not attention (a kept-token mask, a token's fate).
     """
     imgs = _images(images, "attention_maps")
     n, h, w, _ = imgs.shape
@@ -156,6 +157,8 @@ def attention_maps(images, attn, *, patch_size, alpha: float = 0.5, titles=None,
     if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
         raise ValueError(f"attention_maps: ncols must be an int >= 1, got {ncols!r}")
     names = _titles(titles, n, "titles", "attention_maps")
+    if not isinstance(label, str):
+        raise TypeError(f"attention_maps: label must be a str, got {type(label).__name__}")
 
     heads = attn.shape[1] if per_head else 1
     maps = attn.reshape(n * heads, 1, gh, gw)
@@ -187,7 +190,7 @@ def attention_maps(images, attn, *, patch_size, alpha: float = 0.5, titles=None,
     # the colorbar shows the colormap at full strength, not the translucent overlay
     heat = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=HEATMAP)
     cbar = fig.colorbar(heat, ax=axes, shrink=0.9, pad=0.02, aspect=10 + 8 * nrows)
-    cbar.set_label("relative attention")
+    cbar.set_label(label)
     cbar.outline.set_visible(False)
     return fig
 
