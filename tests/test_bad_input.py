@@ -10,7 +10,8 @@ from vitlab.models import Attention, CrossAttention, PatchEmbed, VisionTransform
 from vitlab.profiles import profile
 from vitlab.results import record
 from vitlab.seed import seed_everything
-from vitlab.train import fit
+from vitlab.tokens import gather_tokens
+from vitlab.train import evaluate, fit
 
 X, Y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
 
@@ -57,6 +58,53 @@ CASES = [
      "label_smoothing"),
     ("batch size", lambda: fit(tiny(), (X, Y), epochs=1, batch_size=0, progress=False), ValueError, "batch_size"),
     ("unknown checkpoint", lambda: zoo.get("vit_giant_imagenet"), ValueError, "valid names"),
+    # fit: every hyper-parameter finite and in range, data and labels that fit the model
+    ("negative grad_clip", lambda: fit(tiny(), (X, Y), epochs=1, grad_clip=-1, progress=False), ValueError,
+     "grad_clip"),
+    ("zero grad_clip", lambda: fit(tiny(), (X, Y), epochs=1, grad_clip=0, progress=False), ValueError, "grad_clip"),
+    ("infinite lr", lambda: fit(tiny(), (X, Y), epochs=1, lr=float("inf"), progress=False), ValueError, "lr"),
+    ("nan lr", lambda: fit(tiny(), (X, Y), epochs=1, lr=float("nan"), progress=False), ValueError, "lr"),
+    ("string lr", lambda: fit(tiny(), (X, Y), epochs=1, lr="1e-3", progress=False), TypeError, "lr"),
+    ("negative weight_decay", lambda: fit(tiny(), (X, Y), epochs=1, weight_decay=-0.1, progress=False), ValueError,
+     "weight_decay"),
+    ("negative warmup", lambda: fit(tiny(), (X, Y), epochs=1, warmup=-1, progress=False), ValueError, "warmup"),
+    ("shift as large as the image", lambda: fit(tiny(), (X, Y), epochs=1, shift=28, progress=False), ValueError,
+     "shift"),
+    ("float shift", lambda: fit(tiny(), (X, Y), epochs=1, shift=1.5, progress=False), ValueError, "shift"),
+    ("nan seconds", lambda: fit(tiny(), (X, Y), seconds=float("nan"), progress=False), ValueError, "seconds"),
+    ("string label_smoothing", lambda: fit(tiny(), (X, Y), epochs=1, label_smoothing="0.1", progress=False),
+     ValueError, "label_smoothing"),
+    ("float labels", lambda: fit(tiny(), (X, Y.float()), epochs=1, progress=False), TypeError, "labels"),
+    ("labels past the classes", lambda: fit(tiny(), (X, Y + 10), epochs=1, progress=False), ValueError,
+     r"labels must be in 0..9"),
+    ("negative labels", lambda: fit(tiny(), (X, Y - 20), epochs=1, progress=False), ValueError, "labels"),
+    ("NaN pixels", lambda: fit(tiny(), (X.clone().fill_(float("nan")), Y), epochs=1, progress=False), ValueError,
+     "NaN"),
+    ("integer images", lambda: fit(tiny(), ((X * 255).to(torch.uint8), Y), epochs=1, progress=False), TypeError,
+     "floating point"),
+    ("train is None", lambda: fit(tiny(), None, epochs=1, progress=False), TypeError, "train"),
+    ("model is None", lambda: fit(None, (X, Y), epochs=1, progress=False), TypeError, "model"),
+    ("optimizer factory returns junk", lambda: fit(tiny(), (X, Y), epochs=1, optimizer=lambda m, lr, wd: "sgd",
+                                                   progress=False), TypeError, "optimizer factory"),
+    ("bool batch size", lambda: fit(tiny(), (X, Y), epochs=1, batch_size=True, progress=False), ValueError,
+     "batch_size"),
+    ("evaluate batch size", lambda: evaluate(tiny(), (X, Y), batch_size=-5), ValueError, "batch_size"),
+    ("evaluate without data", lambda: evaluate(tiny(), None), TypeError, "data"),
+    ("evaluate labels", lambda: evaluate(tiny(), (X, Y + 10)), ValueError, "labels"),
+    ("evaluate model", lambda: evaluate("vit", (X, Y)), TypeError, "model"),
+    # the model: constructor arguments and the input's dtype
+    ("zero mlp_ratio", lambda: VisionTransformer(mlp_ratio=0), ValueError, "mlp_ratio"),
+    ("negative mlp_ratio", lambda: VisionTransformer(mlp_ratio=-1), ValueError, "mlp_ratio"),
+    ("string mlp_ratio", lambda: VisionTransformer(mlp_ratio="4"), TypeError, "mlp_ratio"),
+    ("drop_path_rate above 1", lambda: VisionTransformer(drop_path_rate=1.5), ValueError, "drop_path_rate"),
+    ("negative drop_rate", lambda: VisionTransformer(drop_rate=-0.1), ValueError, "drop_rate"),
+    ("float64 input", lambda: tiny()(X.double()), TypeError, "float64"),
+    ("uint8 input", lambda: tiny()((X * 255).to(torch.uint8)), TypeError, "uint8"),
+    ("bf16 input without autocast", lambda: tiny()(X.bfloat16()), TypeError, "autocast"),
+    ("corrupt out of range", lambda: data.corrupt(X * 2, "blur", 1), ValueError, r"\[0, 1\]"),
+    ("corrupt NaN", lambda: data.corrupt(X.clone().fill_(float("nan")), "blur", 1), ValueError, "images"),
+    ("gather out of range", lambda: gather_tokens(torch.rand(2, 5, 3), torch.tensor([[0, 5], [1, 2]])), ValueError,
+     r"0..4"),
     ("negative seed", lambda: seed_everything(-1), ValueError, "seed"),
     ("results name", lambda: record("my lesson!", "x"), ValueError, "lesson"),
     ("corruption severity", lambda: data.corrupt(torch.rand(1, 1, 8, 8), "blur", 9), ValueError, "severity"),

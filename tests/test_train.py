@@ -114,3 +114,25 @@ def test_fit_does_not_augment_unless_asked():
     import inspect
 
     assert inspect.signature(fit).parameters["shift"].default == 0
+
+
+def test_a_non_finite_loss_stops_training_at_its_step():
+    calls = []
+
+    def loss_fn(logits, y):
+        calls.append(1)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    with pytest.raises(FloatingPointError, match="not finite .* at step 3"):
+        train_once(epochs=1, loss_fn=loss_fn)
+
+
+def test_train_acc_counts_the_images_a_short_batch_really_has():
+    # 8 images, batch_size 32: each step sees 8 images, so train_acc is correct / 8, never correct / 32
+    seed_everything(0)
+    m = create_model("vit_nano", img_size=8, num_classes=4, depth=1)
+    x, y = toy(8)
+    h = fit(m, (x, y), profile="smoke", epochs=1, batch_size=32, progress=False)
+    m.train()
+    assert h["train_acc"][0] in {k / 8 for k in range(9)}

@@ -1,9 +1,11 @@
 """Argument checks shared by the method modules: each raises naming the function, the argument and the value."""
 from __future__ import annotations
 
+import math
+
 import torch.nn as nn
 
-__all__ = ["check_int", "check_model", "check_cls_vit"]
+__all__ = ["check_int", "check_number", "check_model", "check_cls_vit"]
 
 
 def check_int(value, name: str, fn: str, *, low: int = 1) -> int:
@@ -12,6 +14,24 @@ def check_int(value, name: str, fn: str, *, low: int = 1) -> int:
         raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} ({value!r})")
     if value < low:
         raise ValueError(f"{fn}: {name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def check_number(value, name: str, fn: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, optional: bool = False) -> float | None:
+    """``value`` as a finite float in [low, high] (ends excluded where ``*_open``); ``None`` passes if optional."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (hasattr(value, "ndim") and value.ndim):
+        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    want = " and ".join(b for b in (lo, hi) if b)
+    if not math.isfinite(value) or (low is not None and (value < low or (low_open and value == low))) \
+            or (high is not None and (value > high or (high_open and value == high))):
+        raise ValueError(f"{fn}: {name} must be a finite number{' ' + want if want else ''}"
+                         f"{' (or None)' if optional else ''}, got {value!r}")
     return value
 
 

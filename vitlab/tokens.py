@@ -40,6 +40,10 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
             torch.int64, torch.int32):
         raise ValueError(f"gather_tokens: idx must be an integer tensor [B={x.shape[0]}, K], got "
                          f"{getattr(idx, 'shape', type(idx).__name__)} {getattr(idx, 'dtype', '')}")
+    # checked where it is cheap: on CUDA the check would cost a sync per call, and a bad index asserts there anyway
+    if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= x.shape[1]):
+        raise ValueError(f"gather_tokens: idx must hold token indices in 0..{x.shape[1] - 1}, got "
+                         f"{int(idx.min())}..{int(idx.max())}")
     idx = idx.long()
     return torch.gather(x, 1, idx.reshape(*idx.shape, *([1] * (x.ndim - 2))).expand(*idx.shape, *x.shape[2:]))
 

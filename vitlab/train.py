@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checks import check_model, check_number
 from .profiles import Profile, profile as get_profile
 from .seed import seed_everything
 
@@ -44,20 +45,36 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _images_labels(data, name: str):
+def _images_labels(data, name: str, fn: str = "fit", optional: bool = True):
     if data is None:
+        if not optional:
+            raise TypeError(f"{fn}: {name} must be a vitlab ImageDataset or an (images, labels) tuple, got None")
         return None
     if isinstance(data, (tuple, list)) and len(data) == 2:
         images, labels = data
     elif hasattr(data, "images") and hasattr(data, "labels"):
         images, labels = data.images, data.labels
     else:
-        raise TypeError(f"fit: {name} must be a vitlab ImageDataset or an (images, labels) tuple, "
+        raise TypeError(f"{fn}: {name} must be a vitlab ImageDataset or an (images, labels) tuple, "
                         f"got {type(data).__name__}")
     if not (torch.is_tensor(images) and torch.is_tensor(labels)) or images.ndim != 4 or labels.ndim != 1 \
             or len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"fit: {name} must hold images [N,C,H,W] and labels [N] with N > 0")
+        raise ValueError(f"{fn}: {name} must hold images [N,C,H,W] and labels [N] with N > 0")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{fn}: {name} labels must be integer class indices, got dtype {labels.dtype}")
+    if not images.dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} images must be floating point in [0, 1], got dtype {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{fn}: {name} images hold NaN or infinite values")
     return images, labels
+
+
+def _check_labels(labels: torch.Tensor, model: nn.Module, name: str, fn: str) -> None:
+    classes = getattr(model, "num_classes", None)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or (isinstance(classes, int) and hi >= classes):
+        raise ValueError(f"{fn}: {name} labels must be in 0..{(classes or hi + 1) - 1} "
+                         f"(the model has {classes} classes), got labels in {lo}..{hi}")
 
 
 def make_optimizer(model: nn.Module, name="adamw", lr: float = 1e-3, weight_decay: float = 0.05):
@@ -69,7 +86,10 @@ def make_optimizer(model: nn.Module, name="adamw", lr: float = 1e-3, weight_deca
     from timm.optim import create_optimizer_v2
 
     if callable(name):
-        return name(model, lr, weight_decay)
+        opt = name(model, lr, weight_decay)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"fit: the optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
+        return opt
     if name not in OPTIMIZERS:
         raise ValueError(f"fit: unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     kwargs = {"momentum": 0.9} if name == "sgd" else {}
@@ -105,7 +125,11 @@ def random_shift(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, label_smoothing: float = 0.0,
              amp: torch.dtype | None = None) -> dict:
     """Loss and accuracy of ``model`` on ``data`` (model left in the mode it was in)."""
-    images, labels = _images_labels(data, "data")
+    check_model(model, "evaluate")
+    images, labels = _images_labels(data, "data", "evaluate", optional=False)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"evaluate: batch_size must be a positive int, got {batch_size!r}")
+    _check_labels(labels, model, "data", "evaluate")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -142,11 +166,20 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
       the training accuracy against ``labels``.
     """
     P = get_profile(profile)
-    tr = _images_labels(train, "train")
+    check_model(model, "fit")
+    tr = _images_labels(train, "train", optional=False)
     va = _images_labels(val, "val")
+    _check_labels(tr[1], model, "train", "fit")
+    if va is not None:
+        _check_labels(va[1], model, "val", "fit")
+    lr = check_number(lr, "lr", "fit", low=0, low_open=True)
+    weight_decay = check_number(weight_decay, "weight_decay", "fit", low=0)
+    warmup = check_number(warmup, "warmup", "fit", low=0)
+    grad_clip = check_number(grad_clip, "grad_clip", "fit", low=0, low_open=True, optional=True)
     if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs <= 0):
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
-    if seconds is not None and (not isinstance(seconds, (int, float)) or seconds <= 0):
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not math.isfinite(seconds) or seconds <= 0):
         raise ValueError(f"fit: seconds must be a positive number, got {seconds!r}")
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
         raise ValueError(f"fit: steps must be a positive int, got {steps!r}")
@@ -155,19 +188,19 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
                          f"steps={steps!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"fit: unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-    if not lr > 0:
-        raise ValueError(f"fit: lr must be positive, got {lr!r}")
-    if not 0.0 <= label_smoothing < 1.0:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+            or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"fit: label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if loss_fn is not None and step_fn is not None:
         raise ValueError("fit: give loss_fn or step_fn, not both (step_fn computes the loss itself)")
     for fn_name, fn in (("loss_fn", loss_fn), ("step_fn", step_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(f"fit: {fn_name} must be callable, got {type(fn).__name__}")
-    if not isinstance(shift, int) or shift < 0:
-        raise ValueError(f"fit: shift must be a non-negative int (pixels), got {shift!r}")
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < min(tr[0].shape[-2:]):
+        raise ValueError(f"fit: shift must be an int in 0..{min(tr[0].shape[-2:]) - 1} (pixels, less than the "
+                         f"image size), got {shift!r}")
     batch_size = P.batch_size if batch_size is None else batch_size
-    if not isinstance(batch_size, int) or batch_size <= 0:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"fit: batch_size must be a positive int, got {batch_size!r}")
 
     device = torch.device(device) if device is not None else torch.device(P.device)
@@ -210,14 +243,18 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
                 loss = loss_fn(logits.float(), y)
             else:
                 loss, logits = step_fn(net, x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"fit: the loss is not finite ({loss.item()}) at step {step + 1}: lower lr or "
+                                     f"check the data and the model")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        return loss.detach(), (logits.argmax(-1) == y).sum()
+        return loss.detach(), (logits.argmax(-1) == y).sum(), len(y)
 
     start = time.perf_counter()
+    step = 0  # optimizer steps taken (train_step's error message reads it)
     if total_steps is None:
         probe_state = {k: v.clone() for k, v in model.state_dict().items()}
         probe_opt = opt.state_dict()
@@ -236,29 +273,28 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
 
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     bar = tqdm(total=total_steps, desc=desc, disable=not progress or rank != 0, leave=False)
-    step = 0
     for epoch in range(n_epochs):
         perm = torch.randperm(n, generator=gen)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
+        seen = epoch_steps = 0
         for s in range(steps_per_epoch):
             if step >= total_steps:
                 break
-            loss, corr = train_step(perm[s * batch_size:(s + 1) * batch_size])
+            loss, corr, n_batch = train_step(perm[s * batch_size:(s + 1) * batch_size])
             sched.step()
             loss_sum += loss
             correct += corr
-            seen += batch_size // world
+            seen += n_batch  # a batch is shorter than batch_size when the data are
+            epoch_steps += 1
             step += 1
             bar.update(1)
         if world > 1:
             for t in (loss_sum, correct):
                 dist.all_reduce(t)
-        steps_run = max(1, math.ceil(seen / (batch_size // world)))
         history["epoch"].append(epoch + 1)
         history["step"].append(step)
-        history["train_loss"].append(loss_sum.item() / world / steps_run)
+        history["train_loss"].append(loss_sum.item() / world / max(1, epoch_steps))
         history["train_acc"].append(correct.item() / (seen * world))
         history["lr"].append(opt.param_groups[0]["lr"])
         if va is not None:

@@ -88,6 +88,9 @@ def corrupt(images: Tensor, kind: str, severity: int, *, seed: int = 0, patch_si
         raise TypeError(f"corrupt: images must be a 4-D float tensor [N,C,H,W], got "
                         f"{type(images).__name__} {getattr(images, 'dtype', '')} "
                         f"{tuple(getattr(images, 'shape', ()))}")
+    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+        raise ValueError(f"corrupt: images must be finite pixel values in [0, 1], got values in "
+                         f"{images.min().item():g}..{images.max().item():g}")
     if kind not in CORRUPTIONS:
         raise ValueError(f"corrupt: unknown kind {kind!r}; valid: {list(CORRUPTIONS)}")
     if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:

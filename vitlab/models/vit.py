@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
+from vitlab.checks import check_number
+
 __all__ = ["PatchEmbed", "Attention", "Block", "VisionTransformer", "SIDE_OUTPUTS"]
 
 SIDE_OUTPUTS = ("probs", "cls", "colsum", "diag")
@@ -71,6 +73,10 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"PatchEmbed: x has {c} channels, expected in_chans={self.in_chans}")
         if (h, w) != (self.img_size, self.img_size):
             raise ValueError(f"PatchEmbed: x is {h}x{w}, expected img_size={self.img_size}x{self.img_size}")
+        want = self.proj.weight.dtype
+        if x.dtype != want and not (x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"PatchEmbed: x has dtype {x.dtype}, expected {want} (the model's dtype): convert with "
+                            f"x.to({want}) or the model with .to(dtype), or run under torch.autocast")
         x = self.proj(x)  # [B, D, H/p, W/p]
         return self.norm(x.flatten(2).transpose(1, 2))  # [B, N, D]
 
@@ -215,6 +221,13 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"VisionTransformer: {arg} must be a {'positive' if arg in ('depth', 'num_heads') else 'non-negative'} int, got {val!r}")
         if embed_dim % num_heads:
             raise ValueError(f"VisionTransformer: num_heads={num_heads} does not divide embed_dim={embed_dim}")
+        check_number(mlp_ratio, "mlp_ratio", "VisionTransformer", low=0, low_open=True)
+        if int(embed_dim * mlp_ratio) < 1:
+            raise ValueError(f"VisionTransformer: mlp_ratio={mlp_ratio!r} gives an MLP of 0 hidden units at "
+                             f"embed_dim={embed_dim}")
+        for arg, val in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate),
+                         ("attn_drop_rate", attn_drop_rate), ("drop_path_rate", drop_path_rate)):
+            check_number(val, arg, "VisionTransformer", low=0, high=1, high_open=True)
         self.num_classes, self.global_pool = num_classes, global_pool
         self.embed_dim = self.num_features = embed_dim
         self.num_prefix_tokens = int(class_token) + reg_tokens
