@@ -127,6 +127,17 @@ def test_merge_tail_by_hand_and_size():
     out2, s2 = merge_tail(x, size, keep=3, keep_sources=True)
     torch.testing.assert_close(out2[0, :3], out[0]) and torch.testing.assert_close(out2[0, 3:], x[0, 3:])
     torch.testing.assert_close(s2[0, 3:], torch.tensor([3.0 * 0.8, cos_d]))
+    # the official search floors each source's scaled size at 1 before adding it: d (cos_d · 1 < 1) counts as 1
+    out3, s3 = merge_tail(x, size, keep=3, keep_sources=True, clamp_sizes=True)
+    torch.testing.assert_close(out3, out2)
+    torch.testing.assert_close(s3[0], torch.tensor([1.0, 1.0 + 1.0, 2.0 + 3.0 * 0.8, 3.0 * 0.8, 1.0]))
+
+
+def test_the_search_clamps_merged_sizes_and_the_deployed_model_does_not():
+    model = DiffRateViT(_vit())
+    assert model.clamp_search_sizes and not DiffRateViT(_vit(), clamp_search_sizes=False).clamp_search_sizes
+    with pytest.raises(TypeError, match="clamp_search_sizes"):
+        DiffRateViT(_vit(), clamp_search_sizes=1)
 
 
 def test_merge_conserves_total_size_when_sources_match_and_tome_baseline_conserves_it():
@@ -169,7 +180,7 @@ def test_keep_all_equals_the_base_model():
 
 def test_search_masking_equals_deployed_truncation_and_merging():
     vit = _vit(depth=3)
-    model = DiffRateViT(vit, granularity=1)
+    model = DiffRateViT(vit, granularity=1, clamp_search_sizes=False)  # the deployed sizes, unclamped
     _set(model.prune[0], 12)  # block 1: keep CLS + 12, then merge down to CLS + 8
     _set(model.merge[0], 8)
     _set(model.prune[1], 16)  # block 2: no pruning, merge to CLS + 5
@@ -183,6 +194,10 @@ def test_search_masking_equals_deployed_truncation_and_merging():
         searched = model.train()(x)
     torch.testing.assert_close(searched, deployed, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(deployed, vit(x), atol=1e-3)
+    model.clamp_search_sizes = True  # the official search: same tokens kept, merged sizes floored at 1
+    with torch.no_grad():
+        assert not torch.allclose(model.train()(x), deployed, atol=1e-4)
+    model.clamp_search_sizes = False
     # the differentiable FLOPs equal the deployed ones, and reach both DDPs of every block
     rel = model.relative_flops()
     assert rel.item() == pytest.approx(model.eval().relative_flops().item(), rel=1e-6)

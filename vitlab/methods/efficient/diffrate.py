@@ -46,8 +46,8 @@ Where we differ from the official code (small scale, one rule for search and dep
   0.05 -> 0.005, so the logits can move as far; ``search`` defaults to the paper's 0.01 -> 0.001.
 - FLOPs enter the loss as a fraction of the dense model's, not in GFLOPs: the course's base has 0.03 GMACs,
   so (GFLOPs − target)² would be ~0. ``flops_weight`` λ is the weight on that fraction (see ``search``).
-- Merged sizes are ``size·similarity`` in search and deployment alike (the official search also clamps them
-  at 1, its deployment does not).
+- Merged sizes are ``size·similarity``; as in the official code, the search clamps each source's at 1 before it
+  is added (``DiffRateViT(clamp_search_sizes=True)``, the default) and the deployed model does not.
 - In the search, masked tokens are sorted behind the live ones explicitly (the official code relies on their
   near-zero attention putting them there).
 - ``UniformMerge`` is the ToMe-style baseline for the lesson (ToMe's bipartite matching on the tokens, not the
@@ -200,12 +200,14 @@ class DDP(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ merge
-def merge_tail(x: Tensor, size: Tensor, keep: int, *, keep_sources: bool = False, return_index: bool = False):
+def merge_tail(x: Tensor, size: Tensor, keep: int, *, keep_sources: bool = False, return_index: bool = False,
+               clamp_sizes: bool = False):
     """Merge tokens keep..N−1 of x [B,N,C] into their most cosine-similar token among 1..keep−1 (never CLS).
 
     The destination becomes the plain mean of itself and its sources (``merge_tokens`` with unit weights); its
     size gains each source's size times that source's similarity. ``keep_sources`` (search mode) leaves the
-    merged sources in place after the kept tokens (the caller masks them). Returns (x, size), and the
+    merged sources in place after the kept tokens (the caller masks them); ``clamp_sizes`` floors each source's
+    scaled size at 1 before it is added (the official search does, its deployment does not). Returns (x, size), and the
     destination of every input token [B, N] if ``return_index``.
     """
     if not isinstance(x, Tensor) or x.ndim != 3:
@@ -225,6 +227,8 @@ def merge_tail(x: Tensor, size: Tensor, keep: int, *, keep_sources: bool = False
         index = torch.cat([torch.arange(keep, device=x.device).expand(B, keep), dst], dim=1)  # [B, N]
     merged, _ = merge_tokens(x, None, index, keep)  # plain mean of each kept token and its sources
     src_size = size[:, keep:] * best.to(size.dtype)
+    if clamp_sizes:
+        src_size = src_size.clamp_min(1.0)
     new_size = size.new_zeros(B, keep).scatter_add(1, index, torch.cat([size[:, :keep], src_size], dim=1))
     if keep_sources:
         return torch.cat([merged, x[:, keep:]], dim=1), torch.cat([new_size, src_size], dim=1)
@@ -250,10 +254,11 @@ class DiffRateViT(nn.Module):
 
     ``train()`` mode is the search (masks, differentiable FLOPs in ``relative_flops()``); ``eval()`` deploys the
     integer schedule (truncate, merge). The wrapped ViT is used as is: never modified, never switched to train
-    mode; ``search`` differentiates only the DDP logits.
+    mode; ``search`` differentiates only the DDP logits. ``clamp_search_sizes``: the search floors merged sources'
+    sizes at 1, as the official code does (its deployment does not).
     """
 
-    def __init__(self, vit: nn.Module, granularity: int = 4):
+    def __init__(self, vit: nn.Module, granularity: int = 4, clamp_search_sizes: bool = True):
         super().__init__()
         _check_model(vit, "DiffRateViT")
         if not all(hasattr(vit, a) for a in ("blocks", "embed", "forward_head", "patch_embed")):
@@ -265,7 +270,10 @@ class DiffRateViT(nn.Module):
         P = vit.patch_embed.num_patches
         if granularity >= P:
             raise ValueError(f"DiffRateViT: granularity must be < num_patches={P}, got {granularity}")
+        if not isinstance(clamp_search_sizes, bool):
+            raise TypeError(f"DiffRateViT: clamp_search_sizes must be a bool, got {clamp_search_sizes!r}")
         self.vit = vit
+        self.clamp_search_sizes = clamp_search_sizes
         self.num_tokens = P + 1
         self.prune = nn.ModuleList([DDP(P, granularity) for _ in range(len(vit.blocks) - 1)])
         self.merge = nn.ModuleList([DDP(P, granularity) for _ in range(len(vit.blocks) - 1)])
@@ -355,7 +363,7 @@ class DiffRateViT(nn.Module):
         km = merge.kept_count()
         if int(km.item()) < mid:
             k = int(km.item())
-            xm, sm = merge_tail(x[:, :mid], size[:, :mid], k, keep_sources=True)
+            xm, sm = merge_tail(x[:, :mid], size[:, :mid], k, keep_sources=True, clamp_sizes=self.clamp_search_sizes)
             x, size = torch.cat([xm, x[:, mid:]], dim=1), torch.cat([sm, size[:, mid:]], dim=1)
             mask = mask * merge.token_mask(k, mid).expand(B, -1)
         self.kept_log.append((kp, km))
