@@ -121,7 +121,8 @@ def test_r0_equals_base_and_schedule(eager_merge):
         m = MCTFViT(vit, 3)
         out = m(x)
     assert out.shape == (4, 5) and torch.isfinite(out).all()
-    assert m.last_tokens == token_schedule(17, 3, 3) == [14, 11, 10]  # 17 - 3, 14 - 3, then at least 10 stay
+    # the official DeiT recipe: block 0 sees every token, blocks 1.. fuse r each
+    assert m.last_tokens == token_schedule(17, 3, 3) == [17, 14, 11] and m.layers == (1, 2)
     for g, s in zip(m.last_groups, m.last_size):  # sizes count the input tokens fused into each final token
         assert torch.equal(torch.bincount(g, minlength=10).float(), s)
     assert (m.last_groups[:, 0] == 0).all() and (m.last_size[:, 0] == 1).all(), "CLS is never fused"
@@ -129,7 +130,11 @@ def test_r0_equals_base_and_schedule(eager_merge):
     with torch.no_grad():  # one-step-ahead off: the block runs on all tokens, then fuses
         m_off = MCTFViT(vit, 3, one_step_ahead=False)
         m_off(x)
-    assert m_off.last_tokens == [17, 14, 11]
+        every = MCTFViT(vit, 3, layers=range(3))
+        every(x)
+    assert m_off.last_tokens == [17, 17, 14]
+    # fusing in every block: 17 - 3, 14 - 3, then at least 10 stay
+    assert every.last_tokens == token_schedule(17, 3, 3, layers=range(3)) == [14, 11, 10]
 
 
 def test_training_step_and_gradients(eager_merge):
@@ -183,4 +188,4 @@ def test_for_compare_tiny(eager_merge):
     assert all(torch.equal(v, vit.state_dict()[k]) for k, v in before.items()), "base untouched"
     with torch.no_grad():
         out.model(train[0][:2])
-    assert out.tokens_per_block == [float(t) for t in out.model.last_tokens] == [10.0, 10.0]
+    assert out.tokens_per_block == [float(t) for t in out.model.last_tokens] == [17.0, 10.0]

@@ -37,8 +37,9 @@ r_t ∈ [0, r_teacher_max) serves as the teacher:
 
     L = CE(student) + CE(teacher) + 3 · mean_{i: p_s(y_i) > 0.4} MSE(cls_t.detach(), cls_s)   (final-norm CLS)
 
-Our choices at course scale (6 blocks, 65 tokens): r = 8 in every block (65 → 57 → ... → 17 tokens), the analogue of
-the paper's r = 16 in blocks 1..11 of DeiT's 12 (197 tokens; ``layers=range(1, 12)`` reproduces that); τ_sim,
+Our choices at course scale (6 blocks, 65 tokens): as the official DeiT recipe, block 0 sees every token and blocks
+1..5 fuse r = 11 each (65 → 54 → 43 → 32 → 21 → 11 tokens, ≈ 60 % of the dense token count on average), the analogue
+of the paper's r = 16 in blocks 1..11 of DeiT's 12 (197 tokens; ``layers=range(depth)`` fuses in every block); τ_sim,
 τ_info, τ_size = 1, 20, 40 and the teacher's r_teacher_max = r/2, as the official DeiT-T/S settings
 ``--mctf_type [16,8,0,1,1,1,20,40,1,1,0]``. Fine-tuning is a few hundred AdamW steps with label smoothing, not the
 official 30 epochs with mixup/cutmix; the official size/size_max factor in the weights cancels and is left out.
@@ -55,11 +56,11 @@ import torch.nn.functional as F
 from vitlab.checks import check_int as _check_int, check_model as _check_model
 from vitlab.tokens import merge_tokens, proportional_bias
 
-__all__ = ["reduction", "default_r", "token_schedule", "attention_received", "mctf_scores", "bidirectional_matching",
+__all__ = ["reduction", "default_r", "merging_layers", "token_schedule", "attention_received", "mctf_scores", "bidirectional_matching",
            "fuse_tokens", "merge_attention", "MCTFViT", "consistency_step", "finetune", "for_compare",
            "DEFAULT_R", "TAUS"]
 
-DEFAULT_R = 8
+DEFAULT_R = 11  # default_r(65, 6): the course base's 64 patches + CLS, 6 blocks
 TAUS = dict(tau_sim=1.0, tau_info=20.0, tau_size=40.0)  # the official DeiT settings
 
 
@@ -88,7 +89,8 @@ def reduction(num_tokens: int, r: int, *, num_protected: int = 1, min_tokens: in
 
 def default_r(num_tokens: int, depth: int, *, keep: float = 0.6, min_tokens: int = 10) -> int:
     """The smallest per-block r whose ``token_schedule`` keeps at most ``keep`` of the dense token count on average
-    (≈ the paper's FLOP cut: DeiT's r = 16 keeps ≈ 60 % of 197 tokens). 65 tokens, 6 blocks → 8; 12 blocks → 4."""
+    (≈ the paper's FLOP cut: DeiT's r = 16 in blocks 1..11 keeps ≈ 60 % of 197 tokens; this gives 15 there).
+    65 tokens, 6 blocks → 11."""
     _check_int(num_tokens, "num_tokens", "default_r")
     _check_int(depth, "depth", "default_r")
     if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
@@ -99,13 +101,20 @@ def default_r(num_tokens: int, depth: int, *, keep: float = 0.6, min_tokens: int
     return num_tokens // 2
 
 
+def merging_layers(depth: int, layers=None) -> tuple[int, ...]:
+    """The blocks that fuse tokens: ``layers``, or by default every block but the first, as the official DeiT
+    recipe does (r = 16 in blocks 1..11 of 12: block 0 sees every token)."""
+    return tuple(range(1, depth)) if layers is None else tuple(layers)
+
+
 def token_schedule(num_tokens: int, depth: int, r: int, *, layers=None, min_tokens: int = 10) -> list[int]:
-    """Tokens each block's attention output and FFN see (CLS included) when every block in ``layers`` (all if
-    None) fuses r tokens at its start (one-step-ahead)."""
+    """Tokens each block's attention output and FFN see (CLS included) when every block in ``layers`` (default:
+    ``merging_layers``, all but the first) fuses r tokens at its start (one-step-ahead)."""
     _check_int(depth, "depth", "token_schedule")
+    active = merging_layers(depth, layers)
     out, n = [], num_tokens
     for i in range(depth):
-        if layers is None or i in layers:
+        if i in active:
             n -= reduction(n, r, min_tokens=min_tokens)
         out.append(n)
     return out
@@ -280,10 +289,9 @@ class MCTFViT(nn.Module):
         self.bidirectional, self.one_step_ahead, self.prop_attn = bool(bidirectional), bool(one_step_ahead), \
             bool(prop_attn)
         depth = len(vit.blocks)
-        if layers is not None:
-            layers = tuple(layers)
-            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in layers):
-                raise ValueError(f"MCTFViT: layers must be block indices in 0..{depth - 1}, got {layers!r}")
+        layers = merging_layers(depth, layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in layers):
+            raise ValueError(f"MCTFViT: layers must be block indices in 0..{depth - 1}, got {layers!r}")
         self.layers = layers
         self.min_tokens = _check_int(min_tokens, "min_tokens", "MCTFViT")
         self.last_tokens: list[int] = []
@@ -320,7 +328,7 @@ class MCTFViT(nn.Module):
         size = torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)  # counts, kept in fp32
         tokens, group = [], torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         for i, blk in enumerate(self.vit.blocks):
-            active = self.layers is None or i in self.layers
+            active = i in self.layers
             n = x.shape[1]
             x, size, dst = self.block(blk, x, size, reduction(n, r, min_tokens=self.min_tokens) if active else 0)
             group = group if dst is None else dst.gather(1, group)
@@ -382,7 +390,7 @@ def finetune(model: MCTFViT, train, *, steps: int, profile=None, lr: float = 5e-
 
 
 def for_compare(base: nn.Module, train, profile) -> "Reduced":
-    """MCTF at its default setting (r = ``default_r``: 8 per block for the 6-block base, τ = 1/20/40, bidirectional,
+    """MCTF at its default setting (r = ``default_r``: 11 in blocks 1..5 of the 6-block base, τ = 1/20/40, bidirectional,
     one-step-ahead), fine-tuned from a copy of ``base`` for ``finetune_steps(profile)`` steps of batch 64 with the
     consistency loss."""
     from vitlab.methods.efficient.recipes import Reduced, finetune_steps
@@ -394,4 +402,4 @@ def for_compare(base: nn.Module, train, profile) -> "Reduced":
     finetune(model, train, steps=finetune_steps(profile), profile=profile, seed=0)
     model.eval()
     return Reduced(model, tokens_per_block=[float(t) for t in token_schedule(n, depth, r)], gflops=None,
-                   note=f"r={r} per block, sim+info+size, one-step-ahead, consistency")
+                   note=f"r={r} in blocks 1-{depth - 1}, sim+info+size, one-step-ahead, consistency")
