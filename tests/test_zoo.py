@@ -1,6 +1,7 @@
 """zoo: trains once, loads with weights_only, never trusts a truncated file, and two racing processes
 produce one valid file."""
 import multiprocessing as mp
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,123 @@ def test_train_kwargs_reach_the_train_split_only(monkeypatch):
     payload = zoo._train("t", recipe, vitlab.profile("smoke"), progress=False)
     assert seen["train"]["n"] == 300 and "n" not in seen["val"] and "n" not in seen["test"]
     assert payload["config"]["train_kwargs"] == {"n": 300}
+
+
+# ------------------------------------------------------------------------------------------ faults
+def _warnings_from(call):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call()
+    return out, [str(w.message) for w in caught if "zoo:" in str(w.message)]
+
+
+def _valid_after(ckpts, model):
+    assert zoo.load_checkpoint(zh.checkpoint(ckpts))["sha256"] == zoo.state_hash(model.state_dict())
+
+
+@pytest.mark.parametrize("damage", ["garbage", "flipped byte", "empty"])
+def test_damaged_files_warn_once_and_are_retrained(ckpts, damage):
+    zoo.get(zh.NAME, "smoke", progress=False)
+    path = zh.checkpoint(ckpts)
+    raw = bytearray(path.read_bytes())
+    if damage == "garbage":
+        raw = bytearray(b"not a checkpoint at all" * 10)
+    elif damage == "flipped byte":
+        raw[len(raw) // 2] ^= 0xFF
+    else:
+        raw = bytearray()
+    path.write_bytes(bytes(raw))
+    model, said = _warnings_from(lambda: zoo.get(zh.NAME, "smoke", progress=False))
+    assert len(said) == 1 and "retraining" in said[0], said  # one warning, not one per check
+    _valid_after(ckpts, model)
+
+
+def test_weights_that_do_not_fit_are_retrained_even_with_a_consistent_hash(ckpts):
+    zoo.get(zh.NAME, "smoke", progress=False)
+    path = zh.checkpoint(ckpts)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["head.extra"] = payload["state_dict"].pop("head.bias")  # renamed key, hash recomputed
+    payload["sha256"] = zoo.state_hash(payload["state_dict"])
+    zoo.save_checkpoint(path, payload)
+    model, said = _warnings_from(lambda: zoo.get(zh.NAME, "smoke", progress=False))
+    assert len(said) == 1 and "do not fit" in said[0]
+    _valid_after(ckpts, model)
+
+
+def test_a_registry_change_is_not_served_from_a_stale_checkpoint(ckpts, monkeypatch):
+    from vitlab.models import registry
+
+    old = zoo.get(zh.NAME, "smoke", progress=False)
+    assert len(old.blocks) == 4
+    monkeypatch.setitem(registry.MODELS, "vit_nano", {**registry.MODELS["vit_nano"], "depth": 2})
+    model, said = _warnings_from(lambda: zoo.get(zh.NAME, "smoke", progress=False))
+    assert len(model.blocks) == 2 and len(said) == 1 and "another architecture" in said[0]
+
+
+def test_a_checkpoint_of_another_profile_is_not_trusted(ckpts):
+    zoo.get(zh.NAME, "smoke", progress=False)
+    path = zh.checkpoint(ckpts)
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["profile"] = "cpu"
+    zoo.save_checkpoint(path, payload)
+    _, said = _warnings_from(lambda: zoo.get(zh.NAME, "smoke", progress=False))
+    assert len(said) == 1 and "another recipe" in said[0]
+
+
+def test_a_directory_in_the_way_fails_before_any_training(ckpts, monkeypatch):
+    zh.checkpoint(ckpts).mkdir()
+    monkeypatch.setattr(zoo, "_train", lambda *a, **k: pytest.fail("trained before failing"))
+    with pytest.raises(ValueError, match="is a directory"):
+        zoo.get(zh.NAME, "smoke", progress=False)
+
+
+@pytest.mark.parametrize("leftover_lock", [False, True])
+def test_a_read_only_folder_trains_uncached_and_says_so_first(ckpts, monkeypatch, leftover_lock):
+    if leftover_lock:
+        (ckpts / f"{zh.NAME}-smoke.pt.lock").write_text("")
+    monkeypatch.setattr(zoo, "_writable", lambda folder: False)
+    model, said = _warnings_from(lambda: zoo.get(zh.NAME, "smoke", progress=False))
+    assert len(said) == 1 and "cannot write" in said[0] and not zh.checkpoint(ckpts).exists()
+    assert not model.training and model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_a_waiting_caller_is_told_who_holds_the_lock(ckpts):
+    import subprocess
+    import sys
+    import time
+
+    lock = f"{zh.checkpoint(ckpts)}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(4)",
+                               lock], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        _, said = _warnings_from(lambda: zoo.get(zh.NAME, "smoke", progress=False))
+        assert any("another process is training" in s and lock in s for s in said), said
+        assert time.perf_counter() - t0 > 1  # it waited for the holder
+    finally:
+        holder.kill()
+
+
+def test_a_trainer_killed_mid_training_leaves_nothing_half_written(ckpts):
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, sys, time; os.environ['VITLAB_CHECKPOINTS'] = sys.argv[1]; sys.path.insert(0, 'tests'); "
+            "import zoo_helpers as zh; from vitlab import zoo; "
+            "zoo._train = lambda *a, **k: (print('training', flush=True), time.sleep(60)); "
+            "zoo.get(zh.NAME, 'smoke', progress=False)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(ckpts)], stdout=subprocess.PIPE, text=True,
+                             cwd=str(Path(zoo.__file__).parents[1]))
+    assert child.stdout.readline().strip() == "training"
+    child.kill()
+    child.wait()
+    assert not zh.checkpoint(ckpts).exists() and not list(ckpts.glob("*.tmp"))
+    t0 = time.perf_counter()
+    model = zoo.get(zh.NAME, "smoke", progress=False)  # the dead trainer's lock is gone with it
+    assert time.perf_counter() - t0 < 30
+    _valid_after(ckpts, model)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from .profiles import Profile, profile as get_profile
 
@@ -192,18 +192,65 @@ def plateau_gain(val_acc: list[float]) -> float:
     return max(val_acc[-k:]) - max(val_acc[:-k])
 
 
-def _valid(path: Path, cfg: dict) -> dict | None:
+def _build(payload: dict):
+    """The checkpoint's model, loaded strictly (raises if the weights do not fit the architecture)."""
+    from .models import VisionTransformer
+
+    model = VisionTransformer(**payload["model_config"])
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval()
+
+
+def _valid(path: Path, cfg: dict, recipe: Recipe, warn: bool = True):
+    """(payload, model) of a checkpoint that can be trusted, else None (with a warning saying why)."""
+    from .models import model_config
+
+    def reject(why: str):
+        if warn:
+            warnings.warn(f"zoo: {path.name} {why}; retraining it", stacklevel=4)
+        return None
+
     if not path.exists():
         return None
+    if path.is_dir():
+        raise ValueError(f"zoo: the checkpoint path {path} is a directory; remove it or set $VITLAB_CHECKPOINTS")
     try:
         payload = load_checkpoint(path)
     except Exception as e:  # truncated, corrupt, foreign: never trusted
-        warnings.warn(f"zoo: {path.name} is unreadable ({e}); retraining it", stacklevel=3)
-        return None
+        return reject(f"is unreadable ({e})")
     if payload.get("config") != cfg:
-        warnings.warn(f"zoo: {path.name} was trained with another recipe; retraining it", stacklevel=3)
-        return None
-    return payload
+        return reject("was trained with another recipe")
+    stored = payload.get("model_config", {})
+    data_keys = {k: stored[k] for k in ("img_size", "in_chans", "num_classes") if k in stored}
+    if stored != model_config(recipe.model, **data_keys):  # the registry's architecture changed since
+        return reject(f"holds another architecture than the registry's {recipe.model!r} now")
+    try:
+        model = _build(payload)
+    except Exception as e:  # consistent hash, but the weights do not fit the model
+        return reject(f"has weights that do not fit the model ({str(e).splitlines()[0]})")
+    return payload, model
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a checkpoint can be written here (tried, not guessed: permissions lie to root)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _locked(path: Path, name: str):
+    """The file lock around training ``name``; says so when another process holds it and we wait."""
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=2)
+    except Timeout:
+        warnings.warn(f"zoo: another process is training {name!r} (lock {lock.lock_file}); waiting for it to "
+                      f"finish", stacklevel=3)
+        lock.acquire()
+    return lock
 
 
 def get(name: str, profile: Profile | str | None = None, *, retrain: bool = False, progress: bool = True,
@@ -216,19 +263,22 @@ def get(name: str, profile: Profile | str | None = None, *, retrain: bool = Fals
     P = get_profile(recipe.checkpoint_profile(get_profile(profile).name))  # the profile that trains the weights
     cfg = recipe.config(P.name)
     path = path_for(name, P)
-    payload = None if retrain else _valid(path, cfg)
-    if payload is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
-            payload = None if retrain else _valid(path, cfg)  # someone may have finished while we waited
-            if payload is None:
+    found = None if retrain else _valid(path, cfg, recipe)
+    if found is None and not _writable(path.parent):  # say so before the training, not after it
+        warnings.warn(f"zoo: cannot write to {path.parent}; training {name!r} without caching it", stacklevel=2)
+        payload = _train(name, recipe, P, progress)
+        found = payload, _build(payload)
+    elif found is None:
+        lock = _locked(path, name)
+        try:
+            found = None if retrain else _valid(path, cfg, recipe, warn=False)  # another process may have finished
+            if found is None:
                 payload = _train(name, recipe, P, progress)
                 save_checkpoint(path, payload)
-    from .models import VisionTransformer
-
-    model = VisionTransformer(**payload["model_config"])
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
+                found = payload, _build(payload)
+        finally:
+            lock.release()
+    payload, model = found
     if return_info:
         info = {k: payload[k] for k in ("name", "config", "model_config", "metrics", "history", "sha256")}
         return model, {**info, "path": str(path)}
