@@ -13,15 +13,19 @@ from importlib import import_module
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 from .profiles import PROFILES, Profile, device, profile
-from .seed import seed_everything
 
 __version__ = "0.1.0"
 __all__ = ["Profile", "PROFILES", "profile", "device", "seed_everything"]
 
-_SUBMODULES = {"data", "models", "kernels", "train", "zoo", "measure", "viz", "results", "augment", "methods"}
+_SUBMODULES = {"data", "models", "kernels", "train", "zoo", "measure", "viz", "results", "augment", "methods",
+               "stats", "tokens", "quant", "checks"}
 
 
-def __getattr__(name):  # `vitlab.data` etc. import on first use, so `import vitlab` stays light
+def __getattr__(name):  # `vitlab.data` etc. import on first use, so `import vitlab` stays light (no torch)
     if name in _SUBMODULES:
         return import_module(f".{name}", __name__)
+    if name == "seed_everything":
+        from .seed import seed_everything
+
+        return seed_everything
     raise AttributeError(f"module 'vitlab' has no attribute {name!r}")

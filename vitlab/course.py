@@ -6,7 +6,6 @@ Each notebook runs in a fresh kernel with ``VITLAB_PROFILE`` set, is saved execu
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -93,7 +92,7 @@ def run_notebook(path: Path, dest: Path, profile: str, results_dir: Path, timeou
     return ok, time.perf_counter() - start, error
 
 
-def run(profile: str, nb: str | None, out: Path, inplace: bool) -> int:
+def run(profile: str, nb: str | None, out: Path, inplace: bool, timeout: int = 1800) -> int:
     if profile not in PROFILES:
         raise SystemExit(f"course: unknown profile {profile!r}; valid profiles are {sorted(PROFILES)}")
     notebooks = find_notebooks(nb)
@@ -103,7 +102,7 @@ def run(profile: str, nb: str | None, out: Path, inplace: bool) -> int:
     for path in (bar := tqdm(notebooks, desc=f"course ({profile})", unit="nb")):
         bar.set_postfix_str(path.stem)
         dest = path if inplace else out / "notebooks" / path.relative_to(ROOT / "notebooks")
-        ok, secs, err = run_notebook(path, dest, profile, results_dir)
+        ok, secs, err = run_notebook(path, dest, profile, results_dir, timeout)
         status[path.stem] = f"passed ({secs:.0f} s)" if ok else f"FAILED ({secs:.0f} s): {err}"
         times[path.stem] = secs
         tqdm.write(f"{'ok ' if ok else 'FAIL'} {secs:6.1f} s  {path.relative_to(ROOT)}" + ("" if ok else f"  {err}"))
@@ -116,15 +115,16 @@ def run(profile: str, nb: str | None, out: Path, inplace: bool) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vitlab.course")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="execute notebooks headless and write results.md")
-    r.add_argument("--profile", default=os.environ.get("VITLAB_PROFILE", "smoke"))
-    r.add_argument("--nb", default=None, help="one notebook (default: all under notebooks/)")
-    r.add_argument("--out", default=str(ROOT / "build"))
-    r.add_argument("--inplace", action="store_true", help="write outputs into the notebooks themselves")
+    from .cli import course_parser
+
+    ap = course_parser()
     args = ap.parse_args(argv)
-    return run(args.profile, args.nb, Path(args.out).resolve(), args.inplace)
+    try:
+        notebooks_ok = run(args.profile, args.nb, Path(args.out or ROOT / "build").resolve(), args.inplace,
+                           args.timeout)
+    except ValueError as e:  # a bad --nb: one line, not a traceback
+        ap.error(str(e))
+    return notebooks_ok
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use, so the CLIs answer --help at once
+    import torch
 
 __all__ = ["Profile", "PROFILES", "profile", "device"]
 
@@ -37,11 +39,15 @@ class Profile:
         return dataclasses.replace(self, **changes)
 
     @property
-    def amp(self) -> torch.dtype | None:
+    def amp(self) -> "torch.dtype | None":
+        import torch
+
         return getattr(torch, self.amp_dtype) if self.amp_dtype else None
 
 
 def _cuda() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
@@ -83,6 +89,8 @@ def profile(name: str | Profile | None = None) -> Profile:
     return p
 
 
-def device(p: Profile | None = None) -> torch.device:
+def device(p: Profile | None = None) -> "torch.device":
     """The one place lessons get their device from (never a hard-coded 'cuda')."""
+    import torch
+
     return torch.device(profile(p).device)

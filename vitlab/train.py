@@ -10,7 +10,11 @@ the same global batch order and keeps its slice, so a 2-process run follows the 
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # `python -m vitlab.train --help` and argument errors answer before torch loads
+    from vitlab.cli import train_parser
+
+    train_parser().parse_args()
+
 import math
 import os
 import time
@@ -23,13 +27,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checks import check_model, check_number
+from .cli import OPTIMIZERS, SCHEDULES  # one list for fit and its command line
 from .profiles import Profile, profile as get_profile
 from .seed import seed_everything
 
 __all__ = ["fit", "evaluate", "make_optimizer", "lr_lambda", "random_shift", "is_distributed", "main"]
-
-OPTIMIZERS = ("adamw", "lion", "sgd")
-SCHEDULES = ("cosine", "constant")
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -309,40 +311,57 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+def _check_save_path(path: str | None, ap) -> None:
+    """Fail before training, not after it, when --save cannot be written."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    from .zoo import _writable
+
+    target = Path(path)
+    if target.is_dir():
+        ap.error(f"--save {path}: is a directory; give a file path such as {target / 'model.pt'}")
+    if not _writable(target.parent):
+        ap.error(f"--save {path}: cannot write to {target.parent}")
+
+
 def main(argv=None) -> int:
+    from .cli import train_parser
+
+    ap = train_parser()
+    args = ap.parse_args(argv)
+    _check_save_path(args.save, ap)
+
     from . import data as vdata
     from . import zoo
-    from .models import create_model
+    from .models import create_model, model_config
 
-    ap = argparse.ArgumentParser(prog="python -m vitlab.train", description="Train a registry ViT on a dataset. "
-                                 "Under torchrun it trains with DDP (gloo on CPU, nccl on GPU).")
-    ap.add_argument("--model", default=None, help="registry name (default: the profile's model)")
-    ap.add_argument("--data", default="mnist5k", help="dataset name for vitlab.data.load")
-    ap.add_argument("--profile", default=None, help="smoke / cpu / gpu (default: $VITLAB_PROFILE)")
-    ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--seconds", type=float, default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save", default=None, help="write the trained weights here (atomically)")
-    ap.add_argument("--history", default=None, help="write the history as JSON here")
-    args = ap.parse_args(argv)
-
-    P = get_profile(args.profile)
-    train = vdata.load(args.data, "train", P)
-    val = vdata.load(args.data, "val", P)
-    seed_everything(args.seed)
-    model = create_model(args.model or P.model, data=train)
-    hist = fit(model, train, val, profile=P, epochs=args.epochs, seconds=args.seconds, batch_size=args.batch_size,
-               lr=args.lr, optimizer=args.optimizer, seed=args.seed)
+    try:
+        P = get_profile(args.profile)
+        train = vdata.load(args.data, "train", P)
+        val = vdata.load(args.data, "val", P)
+        seed_everything(args.seed)
+        name = args.model or P.model
+        model = create_model(name, data=train)
+        hist = fit(model, train, val, profile=P, epochs=args.epochs, steps=args.steps, seconds=args.seconds,
+                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                   schedule=args.schedule, label_smoothing=args.label_smoothing, shift=args.shift,
+                   optimizer=args.optimizer, device=args.device, seed=args.seed)
+    except (ValueError, TypeError) as e:  # a bad combination of valid-looking options: one line, not a traceback
+        ap.error(str(e))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         test = evaluate(model, vdata.load(args.data, "test", P))
         print(f"final: train_loss={hist['train_loss'][-1]:.4f} val_acc={hist['val_acc'][-1]:.4f} "
               f"test_acc={test['acc']:.4f} ({hist['seconds'][-1]:.1f} s)")
-        if args.save:
-            zoo.save_checkpoint(args.save, {"model": model.state_dict(), "config": vars(args)})
+        if args.save:  # the zoo's format: zoo.load_checkpoint verifies it, VisionTransformer(**model_config) loads it
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            zoo.save_checkpoint(args.save, {
+                "format": zoo.FORMAT, "name": name, "config": {"cli": vars(args), "profile": P.name},
+                "model_config": model_config(name, data=train), "state_dict": state, "sha256": zoo.state_hash(state),
+                "metrics": {"val_acc": hist["val_acc"][-1], "test_acc": test["acc"]}, "history": hist})
+            print(f"saved {args.save}")
         if args.history:
             import json
 

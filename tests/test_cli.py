@@ -1,0 +1,83 @@
+"""Both command lines: --help at once (no torch), choices and defaults shown, errors in one line, --save checked
+before training and readable by the zoo."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vitlab import cli, zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=120):
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    return p, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("module", [("vitlab.train",), ("vitlab.course", "run")])
+def test_help_is_full_and_quick(module):
+    p, secs = run(*module, "--help")
+    assert p.returncode == 0 and secs < 5, secs  # < 2 s on a quiet machine; no torch import
+    assert "default" in p.stdout and "smoke" in p.stdout and "cpu" in p.stdout
+    if module[0] == "vitlab.train":
+        for word in ("--steps", "--device", "--warmup", "--weight-decay", "--shift", "cluttered_scenes", "vit_tiny",
+                     "at most one of --epochs, --steps, --seconds"):
+            assert word in p.stdout, word
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from vitlab.cli import train_parser, course_parser; train_parser(); course_parser(); "
+            "import vitlab; vitlab.profile('cpu'); print('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.stdout.strip() == "False", p.stderr
+
+
+def test_names_match_the_registries():
+    from vitlab.data import DATASETS
+    from vitlab.models import MODELS
+
+    assert set(cli.DATASET_NAMES) == set(DATASETS) and set(cli.MODEL_NAMES) == set(MODELS)
+
+
+@pytest.mark.parametrize("args, word", [
+    (("--profile", "laptop"), "invalid choice: 'laptop'"),
+    (("--data", "imagenet"), "invalid choice: 'imagenet'"),
+    (("--model", "vit_huge"), "invalid choice: 'vit_huge'"),
+    (("--epochs", "2", "--seconds", "3"), "not allowed with argument"),
+    (("--epochs", "0"), "expected a positive int"),
+    (("--lr", "-1"), "expected a finite number"),
+    (("--save", "."), "is a directory"),
+])
+def test_train_errors_are_one_line(args, word):
+    p, _ = run("vitlab.train", *args)
+    last = p.stderr.strip().splitlines()[-1]  # argparse's usage, then the error on one line
+    assert p.returncode == 2 and last.startswith("python -m vitlab.train: error:") and word in last, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_a_bad_combination_found_after_parsing_is_one_line_too():
+    p, _ = run("vitlab.train", "--profile", "smoke", "--data", "digits8", "--model", "vit_nano", "--steps", "1",
+               "--shift", "8", timeout=300)  # digits8 images are 8 px: a shift of 8 is as large as the image
+    assert p.returncode == 2 and "shift must be an int in 0..7" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_course_errors_are_one_line():
+    p, _ = run("vitlab.course", "run", "--nb", "notebooks/nope.ipynb")
+    assert p.returncode == 2 and "is not a notebook file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_saved_checkpoint_is_one_the_zoo_reads(tmp_path):
+    out = tmp_path / "vit.pt"
+    p, _ = run("vitlab.train", "--profile", "smoke", "--data", "digits8", "--model", "vit_nano", "--steps", "2",
+               "--batch-size", "32", "--save", str(out), timeout=300)
+    assert p.returncode == 0, p.stderr
+    payload = zoo.load_checkpoint(out)
+    from vitlab.models import VisionTransformer
+
+    model = VisionTransformer(**payload["model_config"])
+    model.load_state_dict(payload["state_dict"])
+    assert payload["config"]["cli"]["steps"] == 2
