@@ -1,5 +1,6 @@
 """I&S-ViT: SULQ levels on a hand case, exact round trips, the reparameterisation's equivalence, reconstruction."""
 import copy
+import math
 
 import pytest
 import torch
@@ -73,6 +74,35 @@ def test_official_grid_is_powers_of_two_minus_eta():
         y = fake_quant(p, 1.0, None, 4, mode="shift_log2", eta=eta).double() + eta
         k = torch.log2(y)
         assert torch.allclose(k, k.round(), atol=1e-5) and float(k.max()) <= 1e-6
+
+
+def test_sulq_against_the_official_log_sqrt2_quantizer_by_hand():
+    # zysxmu/IaS-ViT quant/quantizer.py, LogSqrt2Quantizer.forward with its calibrated state (eta, minv, maxv),
+    # b bits, n = 2^b:  l = log2(x + eta);  step = (maxv - minv) / n;  k = clamp(round((l - minv) / step), 0, n);
+    #                   x_hat = 2^round(k step + minv) - eta        (a uniform log grid, then an integer exponent)
+    # Here b = 3, calibrated on these x with eta = 0.04 (the official search's pick on them): minv = log2(0.04) =
+    # -4.6439, maxv = log2(1.04) = 0.0566, step = 0.5876. By hand:
+    #   x = 0     l = -4.644  k = 0  exponent round(-4.644) = -5  -> 1/32 - 0.04 = -0.00875
+    #   x = 0.02  l = -4.059  k = 1  round(-4.056) = -4          -> 1/16 - 0.04 =  0.0225
+    #   x = 0.45  l = -1.029  k = 6  round(-1.119) = -1          -> 1/2  - 0.04 =  0.46
+    #   x = 0.8   l = -0.252  k = 7  round(-0.531) = -1          -> 0.46   (k = 7.48: the log grid, not l, is rounded)
+    #   x = 1     l =  0.057  k = 8  round(0.057) = 0            -> 1 - 0.04 = 0.96
+    x = torch.tensor([0.0, 0.004, 0.02, 0.05, 0.1, 0.2, 0.45, 0.8, 1.0])
+    official = torch.tensor([-0.00875, -0.00875, 0.0225, 0.085, 0.085, 0.21, 0.46, 0.46, 0.96])
+    # vitlab's shift_log2 with s = 1 is the same grid of levels 2^-q - eta (q = 0..7), rounding -log2(x + eta) once
+    ours = fake_quant(x, 1.0, None, 3, mode="shift_log2", eta=0.04)
+    same = torch.ones(9, dtype=torch.bool)
+    same[7] = False
+    torch.testing.assert_close(ours[same], official[same], rtol=0, atol=1e-6)
+    # the one value that differs sits between the two decision boundaries of exponents -1 and 0: vitlab's at
+    # l = -0.5 (x = 0.667), the official one at grid index 7.5, l = 7.5 step + minv = -0.237 (x = 0.809); the shift
+    # is under half an official grid step, the documented effect of the double rounding
+    assert ours[7].item() == pytest.approx(0.96, abs=1e-6) and official[7].item() == pytest.approx(0.46)
+    step = (math.log2(1.04) - math.log2(0.04)) / 8
+    official_boundary = 7.5 * step + math.log2(0.04)
+    assert -0.5 < math.log2(0.8 + 0.04) < official_boundary and official_boundary - (-0.5) < step / 2
+    # both have the top level 2^0 - eta (eta < sqrt(2) - 1); vitlab's grid also keeps 2^-6, 2^-7 below the data
+    assert sulq_levels(3, 1.0, 0.04)[-1].item() == pytest.approx(0.96)
 
 
 def test_sulq_search():

@@ -1,12 +1,13 @@
-"""LRP-QViT: the LRP rules by hand and their sum rule, conservation through a whole ViT, exact bit budgets,
+"""LRP-QViT: the LRP rules by hand and against Chefer's official relprop rules, their sum rule, conservation through a whole ViT, exact bit budgets,
 clipped channel-wise parameters against torch's fake quantiser, the quantised pipeline, bad input."""
 import pytest
 import torch
 import torch.nn as nn
 
 from vitlab.methods.quantization.lrp_qvit import (
-    allocate_bits, average_bits, clipped_channel_params, layer_scores, linear_params, lrp_linear, lrp_linear_stack,
-    lrp_matmul, lrp_qvit, lrp_residual, post_ln_inputs, random_scores, vit_relevance)
+    allocate_bits, allocate_bits_by_cost, average_bits, clipped_channel_params, depth_prior_scores, layer_scores,
+    linear_params, lrp_linear, lrp_linear_stack, lrp_matmul, lrp_qvit, lrp_residual, post_ln_inputs, random_scores,
+    vit_relevance)
 from vitlab.models import create_model
 
 D = torch.float64
@@ -61,6 +62,68 @@ def test_matmul_and_residual_rules_conserve():
                           torch.tensor([[1.0, 1.0]], dtype=D))
     torch.testing.assert_close(rx, torch.tensor([[0.25, 0.25]], dtype=D))
     torch.testing.assert_close(ry, torch.tensor([[0.75, 0.75]], dtype=D))
+
+
+# ---- equivalence with Chefer's rules (hila-chefer/Transformer-Explainability, modules/layers_ours.py) -------------
+# The official rules, read from the code: safe_divide(a, b) = a / (b + 1e-9) where b != 0, 0 where b == 0 (the 1e-9
+# is below these tests' tolerance); Linear.relprop with alpha = 1 (beta = 0) keeps only the "activator" term
+# x+ * (S @ W+) + x- * (S @ W-) with S = R / (x+ W+^T + x- W-^T); einsum (RelPropSimple) returns X_i * grad, i.e.
+# a * (S b^T) and b * (a^T S) for z = a b, and the ViT's Attention.relprop halves both; Add.relprop scales
+# a * S and b * S so that their sums split sum(R) in the ratio |sum a*S| : |sum b*S|. Expected tensors by hand.
+def test_chefer_linear_rule_alpha1_by_hand_with_a_dead_output():
+    x = torch.tensor([[1.0, -2.0, 0.5]], dtype=D)
+    w = torch.tensor([[1.0, 1.0, 2.0], [2.0, -1.0, -2.0], [-1.0, 1.0, 0.0]], dtype=D)
+    r = torch.tensor([[4.0, 2.0, 3.0]], dtype=D)
+    # contributions x_j W_kj: out 0 (1, -2, 1): positive ones x0 (x+W+) and x2 (x+W+), Z = 2 -> R_0 = 4 split 2 / 2
+    #                         out 1 (2, 2, -1): positive ones x0 (x+W+) and x1 (x-W-), Z = 4 -> R_1 = 2 split 1 / 1
+    #                         out 2 (-1, -2, 0): none positive, Z = 0 -> safe_divide gives 0: R_2 = 3 is dropped
+    torch.testing.assert_close(lrp_linear(x, w, r), torch.tensor([[3.0, 1.0, 2.0]], dtype=D), rtol=0, atol=1e-8)
+
+
+def test_chefer_matmul_rule_by_hand():
+    a = torch.tensor([[[1.0, 2.0], [0.0, 1.0]]], dtype=D)
+    b = torch.tensor([[[1.0, 0.0], [1.0, 2.0]]], dtype=D)
+    r = torch.tensor([[[3.0, 8.0], [2.0, 2.0]]], dtype=D)
+    # z = a b = [[3, 4], [1, 2]], S = R / z = [[1, 2], [2, 1]]
+    # R_a = a * (S b^T) = a * [[1, 5], [2, 4]] = [[1, 10], [0, 4]];  R_b = b * (a^T S) = b * [[1, 2], [4, 5]]
+    ra, rb = lrp_matmul(a, b, r)
+    torch.testing.assert_close(ra, torch.tensor([[[1.0, 10.0], [0.0, 4.0]]], dtype=D), rtol=0, atol=1e-8)
+    torch.testing.assert_close(rb, torch.tensor([[[1.0, 0.0], [4.0, 10.0]]], dtype=D), rtol=0, atol=1e-8)
+    assert ra.sum().item() == pytest.approx(15.0) and rb.sum().item() == pytest.approx(15.0)  # halved: 7.5 + 7.5
+
+
+def test_chefer_add_rule_by_hand():
+    a = torch.tensor([[1.0, -1.0, 2.0]], dtype=D)
+    b = torch.tensor([[1.0, 3.0, -2.0]], dtype=D)
+    r = torch.tensor([[2.0, 4.0, 6.0]], dtype=D)
+    # z = [2, 2, 0], S = [1, 2, 0] (safe_divide: 0 where z = 0); a*S = [1, -2, 0] (sum -1), b*S = [1, 6, 0] (sum 7)
+    # sum(R) = 12 split |-1| : |7| -> 1.5 and 10.5;  R_a = a*S * (1.5 / -1), R_b = b*S * (10.5 / 7)
+    ra, rb = lrp_residual(a, b, r)
+    torch.testing.assert_close(ra, torch.tensor([[-1.5, 3.0, 0.0]], dtype=D), rtol=0, atol=1e-8)
+    torch.testing.assert_close(rb, torch.tensor([[1.5, 9.0, 0.0]], dtype=D), rtol=0, atol=1e-8)
+
+
+# ---- the controls of the lesson: a depth prior and a measured (KL) cost table at the same exact budget ----------
+def test_depth_prior_scores_by_hand():
+    names = ["blocks.0.attn.qkv", "blocks.0.mlp.fc2", "blocks.1.attn.qkv", "blocks.2.mlp.fc1"]
+    # L = 3 blocks: raw scores 3, 3, 2, 1 -> / 9
+    sc = depth_prior_scores(names)
+    assert sc == pytest.approx({names[0]: 3 / 9, names[1]: 3 / 9, names[2]: 2 / 9, names[3]: 1 / 9})
+    with pytest.raises(ValueError, match="block layer name"):
+        depth_prior_scores(["head"])
+
+
+def test_allocate_bits_by_cost_by_hand():
+    params = {"a": 2, "b": 1, "c": 1}  # units 2, 1, 1; budget 3 bits on average -> Σ u b = 12
+    costs = {"a": {2: 10.0, 3: 1.0, 4: 0.0}, "b": {2: 0.5, 3: 0.2, 4: 0.0}, "c": {2: 5.0, 3: 1.0, 4: 0.0}}
+    # the candidates with Σ u b = 12: (a, b, c) = (3, 3, 3): 2.2; (3, 2, 4): 1.5; (3, 4, 2): 6.0;
+    # (4, 2, 2): 5.5; (2, 4, 4): 10 -> (3, 2, 4)
+    bits = allocate_bits_by_cost(costs, params, 3.0, (2, 3, 4))
+    assert bits == {"a": 3, "b": 2, "c": 4} and average_bits(bits, params) == 3.0
+    with pytest.raises(ValueError, match="every choice"):
+        allocate_bits_by_cost({"a": {3: 1.0}, "b": {3: 1.0}, "c": {3: 1.0}}, params, 3.0, (2, 3, 4))
+    with pytest.raises(ValueError, match="same"):
+        allocate_bits_by_cost({"a": costs["a"]}, params, 3.0, (2, 3, 4))
 
 
 def _vit(seed=0):

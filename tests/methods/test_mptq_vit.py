@@ -90,10 +90,27 @@ def test_sqb_shrinks_the_per_tensor_range_of_asymmetric_channels():
 
 # ------------------------------------------------------------------------------------ OPT-m
 def test_two_region_grid_by_hand():
-    # 3 bits: 2 magnitude bits per region (codes 0..3); step 1 for x >= 0, 1/2^2 = 0.25 for x < 0
-    x = torch.tensor([-1.0, -0.3, -0.1, 0.0, 0.4, 1.6, 2.5, 10.0])
-    want = torch.tensor([-0.75, -0.25, 0.0, 0.0, 0.0, 2.0, 2.0, 3.0])  # 2.5 rounds half to even
+    # 3 bits: codes 0..3 for x >= 0 (step 1), -4..0 for x < 0 (step 1/2^2 = 0.25): PTQ4ViT's clamps
+    x = torch.tensor([-1.3, -1.0, -0.3, -0.1, 0.0, 0.4, 1.6, 2.5, 10.0])
+    want = torch.tensor([-1.0, -1.0, -0.25, 0.0, 0.0, 0.0, 2.0, 2.0, 3.0])  # 2.5 rounds half to even
     torch.testing.assert_close(two_region_fake_quant(x, 1.0, 2, 3), want, rtol=0, atol=0)
+
+
+def test_two_region_equals_ptq4vit_post_gelu_quantiser():
+    # PTQ4ViT (hahnyuan/PTQ4ViT, PostGeluPTQSLQuantLinear.quant_input), b = 4 bits, a_qmax = 2^(b-1) = 8:
+    #   x_pos = clamp(round(x / d_pos), 0, a_qmax - 1) * d_pos
+    #   x_neg = clamp(round(x / d_neg), -a_qmax, 0) * d_neg          (x_hat = x_pos + x_neg)
+    # with d_pos = 0.5 and d_neg = d_pos / 2^4 = 1/32 (PTQ4ViT fixes d_neg = 0.16997 / a_qmax; OPT-m searches
+    # the power-of-two ratio). Worked by hand, value by value:
+    #   -0.17 / (1/32) = -5.44 -> -5 -> -5/32;   -0.26 -> -8.32 -> -8 -> -0.25;   -1.0 -> -32 -> clamp -8 -> -0.25
+    #   -0.25 -> exactly -8 -> -0.25 (the bottom code, only reachable with the -2^(b-1) clamp)
+    #   0.3 / 0.5 = 0.6 -> 1 -> 0.5;   3.3 -> 6.6 -> 7 -> 3.5;   3.74 -> 7.48 -> 7 -> 3.5;   9.0 -> 18 -> clamp 7 -> 3.5
+    x = torch.tensor([-1.0, -0.26, -0.25, -0.17, -0.01, 0.0, 0.3, 3.3, 3.74, 9.0])
+    want = torch.tensor([-0.25, -0.25, -0.25, -5 / 32, 0.0, 0.0, 0.5, 3.5, 3.5, 3.5])
+    torch.testing.assert_close(two_region_fake_quant(x, 0.5, 4, 4), want, rtol=0, atol=0)
+    # the 2^b values of the signed code range [-2^(b-1), 2^(b-1) - 1]: 9 negative-or-zero, 7 positive
+    grid = two_region_fake_quant(torch.linspace(-2, 5, 20001), 0.5, 4, 4).unique()
+    assert grid.numel() == 2 ** 4 and grid.min().item() == -0.25 and grid.max().item() == 3.5
 
 
 def test_two_region_matches_torch_fake_quantize_where_they_coincide():
@@ -104,8 +121,8 @@ def test_two_region_matches_torch_fake_quantize_where_they_coincide():
         # on x >= 0: the unsigned (b-1)-bit grid of step scale
         ref = torch.fake_quantize_per_tensor_affine(pos, 0.1, 0, 0, half)
         torch.testing.assert_close(two_region_fake_quant(pos, 0.1, 3, bits), ref, rtol=0, atol=0)
-        # m = 0: one step for both signs, the symmetric grid -half..half
-        ref = torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -half, half)
+        # m = 0: one step for both signs, the signed b-bit grid -(half + 1)..half
+        ref = torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -half - 1, half)
         torch.testing.assert_close(two_region_fake_quant(x, 0.1, 0, bits), ref, rtol=0, atol=1e-6)
 
 
@@ -129,7 +146,7 @@ def test_opt_m_never_loses_to_any_fixed_ratio_it_searched():
     assert int(q.m) == res["m"] and float(q.scale) == pytest.approx(res["scale"])
     xr = h.clone().requires_grad_(True)
     q(xr).sum().backward()  # straight-through: gradient 1 inside the range, 0 where clamped
-    top, bottom = float(q.scale) * 7, -float(q.scale) * 7 / 2 ** int(q.m)
+    top, bottom = float(q.scale) * 7, -float(q.scale) * 8 / 2 ** int(q.m)
     inside = (h < top) & (h > bottom) & (h != 0)
     assert bool((xr.grad[inside] == 1).all())
 

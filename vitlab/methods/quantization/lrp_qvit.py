@@ -69,7 +69,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["safe_divide", "lrp_linear", "lrp_matmul", "lrp_residual", "lrp_linear_stack", "vit_relevance",
-           "layer_scores", "linear_params", "average_bits", "allocate_bits", "random_scores",
+           "layer_scores", "linear_params", "average_bits", "allocate_bits", "allocate_bits_by_cost",
+           "random_scores", "depth_prior_scores",
            "clipped_channel_params", "channel_quant_mse", "post_ln_inputs", "lrp_qvit", "CLIP_GRID", "POST_LN"]
 
 
@@ -378,14 +379,12 @@ def allocate_bits(scores: dict[str, float], params: dict[str, int], budget: floa
     for n, v in params.items():
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
             raise ValueError(f"{fn}: params[{n!r}] must be a positive int, got {v!r}")
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget):
-        raise TypeError(f"{fn}: budget must be a finite number (average bits), got {budget!r}")
-    if not isinstance(choices, (tuple, list)) or not choices or any(
-            isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 2 <= b <= 8 for b in choices):
-        raise ValueError(f"{fn}: choices must be a non-empty sequence of ints in [2, 8], got {choices!r}")
-    choices = sorted(set(int(b) for b in choices))
-    if not choices[0] <= budget <= choices[-1]:
-        raise ValueError(f"{fn}: budget={budget!r} is outside [{choices[0]}, {choices[-1]}] (the choices' range)")
+    choices = _check_choices(choices, budget, fn)
+    return _exact_allocation(params, budget, choices, lambda n, b: float(scores[n]) * 4.0 ** (-b), fn)
+
+
+def _exact_allocation(params, budget, choices, cost, fn):
+    """Bits b_l in ``choices`` with Σ n_l b_l = budget · Σ n_l exactly, minimising Σ_l cost(l, b_l) (DP)."""
     names = list(params)
     g = 0
     for n in names:
@@ -401,11 +400,11 @@ def allocate_bits(scores: dict[str, float], params: dict[str, int], budget: floa
     best = {0: (0.0, [])}
     for n, u in zip(names, units):
         nxt = {}
-        for cost, (obj, picks) in best.items():
+        for used, (obj, picks) in best.items():
             for b in choices:
-                c2 = cost + u * b
-                o2 = obj + float(scores[n]) * 4.0 ** (-b)
-                # tie-break towards more bits for earlier choices is irrelevant; keep the first minimum
+                c2 = used + u * b
+                o2 = obj + cost(n, b)
+                # keep the first minimum (ties: the earlier choice list)
                 if c2 not in nxt or o2 < nxt[c2][0] - 1e-18:
                     nxt[c2] = (o2, picks + [b])
         best = nxt
@@ -413,6 +412,46 @@ def allocate_bits(scores: dict[str, float], params: dict[str, int], budget: floa
         raise ValueError(f"{fn}: budget={budget!r} cannot be met exactly with choices={choices} on these "
                          f"layer sizes")
     return dict(zip(names, best[target][1]))
+
+
+def allocate_bits_by_cost(costs: dict[str, dict[int, float]], params: dict[str, int], budget: float,
+                          choices=(4, 6, 8)) -> dict[str, int]:
+    """The same exact budget as ``allocate_bits``, minimising Σ_l E_l(b_l) for a measured cost table
+    {layer: {bits: error}} instead of relevance-weighted noise. With E_l(b) the logit KL of quantising layer l
+    alone at b bits (``mptq_vit.sensitivity_table``) this is the KL-sensitivity control of the LRP lesson:
+    an allocation from a direct measurement of each layer's damage rather than from relevance."""
+    fn = "allocate_bits_by_cost"
+    if not isinstance(costs, dict) or not isinstance(params, dict):
+        raise TypeError(f"{fn}: costs and params must be dicts keyed by layer name, got "
+                        f"{type(costs).__name__}, {type(params).__name__}")
+    if not costs or set(costs) != set(params):
+        raise ValueError(f"{fn}: costs and params must name the same (non-empty) set of layers; only in costs: "
+                         f"{sorted(set(costs) - set(params))}, only in params: {sorted(set(params) - set(costs))}")
+    choices = _check_choices(choices, budget, fn)
+    for n, row in costs.items():
+        if not isinstance(row, dict) or any(b not in row for b in choices):
+            raise ValueError(f"{fn}: costs[{n!r}] must give an error for every choice {choices}, got "
+                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        for b in choices:
+            v = row[b]
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{fn}: costs[{n!r}][{b}] must be a finite number, got {v!r}")
+    for n, v in params.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+            raise ValueError(f"{fn}: params[{n!r}] must be a positive int, got {v!r}")
+    return _exact_allocation(params, budget, choices, lambda n, b: float(costs[n][b]), fn)
+
+
+def _check_choices(choices, budget, fn):
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget):
+        raise TypeError(f"{fn}: budget must be a finite number (average bits), got {budget!r}")
+    if not isinstance(choices, (tuple, list)) or not choices or any(
+            isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 2 <= b <= 8 for b in choices):
+        raise ValueError(f"{fn}: choices must be a non-empty sequence of ints in [2, 8], got {choices!r}")
+    choices = sorted(set(int(b) for b in choices))
+    if not choices[0] <= budget <= choices[-1]:
+        raise ValueError(f"{fn}: budget={budget!r} is outside [{choices[0]}, {choices[-1]}] (the choices' range)")
+    return choices
 
 
 def random_scores(names, generator: torch.Generator | None = None) -> dict[str, float]:
@@ -424,6 +463,26 @@ def random_scores(names, generator: torch.Generator | None = None) -> dict[str, 
     e = -torch.rand(len(names), generator=generator, dtype=torch.float64).log()  # Exp(1) -> Dirichlet(1)
     e = e / e.sum()
     return dict(zip(names, e.tolist()))
+
+
+def depth_prior_scores(names) -> dict[str, float]:
+    """A prior that measures nothing: score ∝ (L − i) for a layer in block i of L blocks (first block L, last 1),
+    normalised to sum to 1. Fed to ``allocate_bits`` it gives early blocks more bits, which is what relevance
+    mass tends to do too; the control that tells "relevance knows something" from "early layers matter".
+    Names must look like ``blocks.<i>.<...>``."""
+    names = list(names)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"depth_prior_scores: names must be a non-empty sequence of layer names (str), got {names!r}")
+    idx = []
+    for n in names:
+        parts = n.split(".")
+        if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise ValueError(f"depth_prior_scores: {n!r} is not a block layer name 'blocks.<i>.<layer>'")
+        idx.append(int(parts[1]))
+    depth = max(idx) + 1
+    raw = [float(depth - i) for i in idx]
+    z = sum(raw)
+    return {n: r / z for n, r in zip(names, raw)}
 
 
 # ----------------------------------------------------------------------------------------------------

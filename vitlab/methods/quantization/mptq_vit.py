@@ -25,7 +25,11 @@ clipped). After the shift, each channel spans ±(its half range).
 quantiser, b bits = a sign/region bit + (b − 1) magnitude bits:
 
     x ≥ 0:  x̂ = Δ · clamp(rint(x/Δ), 0, 2^(b−1) − 1)
-    x < 0:  x̂ = Δ·2^(−m) · clamp(rint(x·2^m/Δ), −(2^(b−1) − 1), 0)
+    x < 0:  x̂ = Δ·2^(−m) · clamp(rint(x·2^m/Δ), −2^(b−1), 0)
+
+The clamps are PTQ4ViT's twin-uniform post-GELU quantiser's (hahnyuan/PTQ4ViT, ``PostGeluPTQSLQuantLinear.
+quant_input``: positive codes clamp(·, 0, 2^(b−1) − 1), negative codes clamp(·, −2^(b−1), 0)), so the two regions
+share 0 and hold 2^b distinct values in all: the signed b-bit code range [−2^(b−1), 2^(b−1) − 1].
 
 GELU's negative part lives in [−0.17, 0] and is dense; the positive part is long-tailed. Earlier twin-uniform
 quantisers fix the ratio of the two region scales by hand; OPT-m searches the power-of-two ratio 2^m (a shift in
@@ -241,8 +245,9 @@ def smoothquant_bias(model: nn.Module, images: torch.Tensor, *, alpha: float = 0
 
 # ------------------------------------------------------------------------------------ OPT-m
 def two_region_fake_quant(x: torch.Tensor, scale, m: int, bits: int) -> torch.Tensor:
-    """Two-region fake quantisation: step ``scale`` for x ≥ 0, ``scale``·2^−m for x < 0, 2^(b−1) levels each
-    (0 shared), through ``vitlab.kernels.fake_quant`` (Triton on CUDA, straight-through backward)."""
+    """Two-region fake quantisation: step ``scale`` for x ≥ 0 (codes 0 .. 2^(b−1) − 1), ``scale``·2^−m for x < 0
+    (codes −2^(b−1) .. 0, as PTQ4ViT's post-GELU quantiser clamps), 0 shared: 2^b values in all. Two calls of
+    ``vitlab.kernels.fake_quant`` (Triton on CUDA, straight-through backward)."""
     fn = "two_region_fake_quant"
     bits = _check_int(bits, "bits", fn, 3, 8)
     m = _check_int(m, "m", fn, 0, 24)
@@ -251,9 +256,10 @@ def two_region_fake_quant(x: torch.Tensor, scale, m: int, bits: int) -> torch.Te
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(())
     if not scale > 0:
         raise ValueError(f"{fn}: scale must be > 0, got {float(scale)!r}")
-    half = 2 ** (bits - 1) - 1  # top code of each region (b − 1 bits: 0 .. half)
-    pos = _fq.fake_quant(x.clamp(min=0), scale, 0, bits - 1)
-    neg = _fq.fake_quant(x.clamp(max=0), scale * 2.0 ** -m, half, bits - 1)  # codes 0..half ↦ −half..0
+    half = 2 ** (bits - 1)
+    pos = _fq.fake_quant(x.clamp(min=0), scale, 0, bits - 1)  # codes 0 .. half − 1
+    # b-bit codes with zero point half: x ≤ 0 lands on codes 0 .. half, i.e. −half .. 0 steps (PTQ4ViT's clamp)
+    neg = _fq.fake_quant(x.clamp(max=0), scale * 2.0 ** -m, half, bits)
     return pos + neg
 
 
@@ -339,8 +345,8 @@ def search_ratio(x: torch.Tensor, bits: int, *, weight: torch.Tensor | None = No
     rows = max(1, max_values // x.shape[1])
     if x.shape[0] > rows:  # a fixed subset: the same data give the same answer
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:rows].to(x.device)]
-    half = 2 ** (bits - 1) - 1
-    d = (float(x.max().clamp(min=1e-8)) / half * grid.to(x.device)).reshape(-1, 1, 1)  # [G, 1, 1]
+    half = 2 ** (bits - 1)
+    d = (float(x.max().clamp(min=1e-8)) / (half - 1) * grid.to(x.device)).reshape(-1, 1, 1)  # [G, 1, 1]
     best = {"scale": None, "m": None, "err": math.inf, "err_by_m": {}}
     for m in ms:
         e = (_two_region_ref(x, d, int(m), half) - x).pow(2)  # [G, rows, C]
@@ -353,9 +359,10 @@ def search_ratio(x: torch.Tensor, bits: int, *, weight: torch.Tensor | None = No
 
 
 def _two_region_ref(x, d, m, half):
-    # the search's inner loop: the grid of two_region_fake_quant in plain torch (d may be a column of steps)
+    # the search's inner loop: the grid of two_region_fake_quant in plain torch (d may be a column of steps);
+    # half = 2^(b-1): positive codes 0 .. half - 1, negative codes -half .. 0 (PTQ4ViT's clamps)
     dn = d * 2.0 ** -m
-    return torch.where(x >= 0, torch.round(x / d).clamp(0, half) * d, torch.round(x / dn).clamp(-half, 0) * dn)
+    return torch.where(x >= 0, torch.round(x / d).clamp(0, half - 1) * d, torch.round(x / dn).clamp(-half, 0) * dn)
 
 
 def quant_error(x: torch.Tensor, x_hat: torch.Tensor, lo, hi) -> dict:
