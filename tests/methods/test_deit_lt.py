@@ -127,17 +127,68 @@ def test_step_fn_switches_weights_and_mixing_at_drw_step():
         loss, logits = step(student, x, y)
         assert loss.ndim == 0 and logits.shape == (8, 3)
     assert [e["weighted"] for e in step.log] == [False, False, True, True]
-    # after the switch: no mixing, CE on hard labels (smoothed) and the weighted distillation CE, by hand
+    # after the switch: no mixing, plain CE on the hard labels (no smoothing, as the official --no-mixup-drw
+    # stage) and the weighted distillation CE, by hand
     cls, dist = student(x)
     with torch.no_grad():
         t = teacher.eval()(x).argmax(1)
-    targets = F.one_hot(y, 3).float() * 0.9 + 0.1 / 3
-    by_hand = 0.5 * -(targets * cls.log_softmax(-1)).sum(-1).mean() + 0.5 * F.cross_entropy(dist, t, weight=w)
+    by_hand = 0.5 * F.cross_entropy(cls, y) + 0.5 * F.cross_entropy(dist, t, weight=w)
     torch.testing.assert_close(step(student, x, y)[0], by_hand)
     # without DRW nothing is ever weighted
     plain = DeiTLTStep(teacher, num_classes=3, mix=False)
     plain(student, x, y)
     assert plain.weights_now() is None and plain.log[-1]["weighted"] is False
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' that returns fixed logits whatever the images (a dummy parameter keeps it an nn.Module)."""
+
+    def __init__(self, *outs):
+        super().__init__()
+        self.outs = outs
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        outs = tuple(o + 0 * self.p for o in self.outs)
+        return outs if len(outs) > 1 else outs[0]
+
+
+# Equivalence with the official DistillationLoss (hard type, losses.py) on a hand case, expected values worked out
+# from its formula  (1 − α)·base(cls, y) + α·F.cross_entropy(dist, argmax teacher, weight=w):
+# cls = [[1,0,0],[0,2,0]], dist = [[0,1,0],[0,0,0]], teacher argmax = [2, 0], y = [0, 1], w = [0.5, 1, 2], α = 0.5
+#   base (hard CE)   = (log(2+e) − 1 + log(2+e²) − 2)/2                  = 0.39549474
+#   base (smooth 0.1) = batch mean of 0.9·CE(z, y) + 0.1·mean_c CE(z, c)  = 0.49549474
+#   dist (weighted)  = (2·log(2+e) + 0.5·log 3)/(2 + 0.5)                = 1.46087823
+#   dist (plain)     = (log(2+e) + log 3)/2                               = 1.32502850
+CLS_L = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+DIST_L = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+TEACH_L = torch.tensor([[0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
+Y = torch.tensor([0, 1])
+W = torch.tensor([0.5, 1.0, 2.0])
+
+
+def test_loss_equals_the_official_hard_distillation_loss_on_a_hand_case():
+    loss, parts = deit_lt_loss(CLS_L, DIST_L, Y, TEACH_L, alpha=0.5, class_weights=W, return_parts=True)
+    assert abs(parts["cls"].item() - 0.3954947400769677) < 1e-6
+    assert abs(parts["dist"].item() - 1.4608782288792628) < 1e-6
+    assert abs(loss.item() - 0.9281864844781152) < 1e-6
+    assert abs(deit_lt_loss(CLS_L, DIST_L, Y, TEACH_L, alpha=0.5).item() - 0.860261620688524) < 1e-6
+
+
+def test_after_drw_the_cls_head_learns_hard_labels_without_smoothing():
+    """Official --no-mixup-drw: base criterion torch.nn.CrossEntropyLoss() on the unmixed integer targets."""
+    student, teacher = _Fixed(CLS_L, DIST_L), _Fixed(TEACH_L)
+    x = torch.zeros(2, 1, 4, 4)
+    step = DeiTLTStep(teacher, num_classes=3, class_weights=W, drw_step=0, grid=(1, 1), seed=0)  # DRW from step 0
+    assert abs(step(student, x, Y)[0].item() - 0.9281864844781152) < 1e-6  # hard CE + weighted distillation
+    smoothed = DeiTLTStep(teacher, num_classes=3, class_weights=W, drw_step=0, grid=(1, 1), drw_smoothing=0.1)
+    assert abs(smoothed(student, x, Y)[0].item() - 0.9781864844781153) < 1e-6  # the old behaviour, on request
+    # the "without DRW" control: the same schedule with unit weights is the plain distillation CE
+    no_drw = DeiTLTStep(teacher, num_classes=3, class_weights=torch.ones(3), drw_step=0, grid=(1, 1))
+    assert abs(no_drw(student, x, Y)[0].item() - 0.860261620688524) < 1e-6
+    # before the DRW step, unmixed batches keep the smoothed targets (timm's Mixup smooths every target)
+    before = DeiTLTStep(teacher, num_classes=3, class_weights=W, drw_step=5, mix_prob=0.0, grid=(1, 1))
+    assert abs(before(student, x, Y)[0].item() - (0.5 * 0.49549474007696775 + 0.5 * 1.32502850130008)) < 1e-6
 
 
 def test_fit_with_the_step_fn():
@@ -249,6 +300,8 @@ def test_bad_arguments():
         DeiTLTStep("resnet", num_classes=3)
     with pytest.raises(ValueError, match="mix_prob"):
         DeiTLTStep(teacher, num_classes=3, mix_prob=2.0)
+    with pytest.raises(ValueError, match="drw_smoothing"):
+        DeiTLTStep(teacher, num_classes=3, drw_smoothing=1.0)
     with pytest.raises(TypeError, match="DistilledVisionTransformer"):
         DeiTLTStep(teacher, num_classes=3, mix=False)(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)),
                                            torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
@@ -265,3 +318,21 @@ def test_bad_arguments():
         small_resnet(widths=())
     with pytest.raises(TypeError, match="DistilledVisionTransformer"):
         predict_heads(torch.nn.Linear(2, 2), (torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)))
+
+
+def test_train_teacher_reads_the_recipe():
+    from vitlab.methods.training.deit_lt import RECIPE, train_teacher
+
+    class _Data:  # a tiny ImageDataset stand-in: images, labels, class counts
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.images, self.labels = torch.rand(16, 1, 8, 8, generator=g), torch.arange(16) % 3
+            self.in_chans, self.num_classes = 1, 3
+
+        def class_counts(self):
+            return torch.bincount(self.labels, minlength=3)
+
+    teacher, hist = train_teacher(_Data(), profile="smoke", epochs=1, batch_size=8, widths=(4,))
+    assert not teacher.training and len(hist["train_loss"]) == 1
+    assert teacher.stem[0].stride == (RECIPE["teacher_stem_stride"],) * 2
+    assert small_resnet(in_chans=1, num_classes=3, widths=(4,), stem_stride=2)(torch.rand(2, 1, 8, 8)).shape == (2, 3)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from vitlab.augment import mix_targets, soft_cross_entropy, soft_targets
 from vitlab.methods.training.mixpro import (MixStep, attention_lambda, baseline_step, cls_patch_attention, maskmix,
-                                            maskmix_step, mixpro_step, pal_lambda, progressive_factor,
+                                            maskmix_step, mixpro_step, pal_lambda, pal_loss, progressive_factor,
                                             timm_mix_step, transmix_step)
 from vitlab.models import VisionTransformer
 
@@ -143,8 +143,8 @@ def test_mixpro_step_matches_the_formula():
     s = progressive_factor(t_area, logits2)
     lam = s * attention_lambda(a, mb.patch_keep) + (1 - s) * mb.lam_area
     torch.testing.assert_close(last["lam"], lam.detach())
-    # the soft form equals λ·CE_ε(y_a) + (1 − λ)·CE_ε(y_b)
-    ce = lambda yy: -(soft_targets(yy, 5, 0.1) * F.log_softmax(logits2, -1)).sum(-1)
+    # the official loss: hard λ·CE(y_a) + (1 − λ)·CE(y_b); the smoothing (0.1) enters only through s
+    ce = lambda yy: F.cross_entropy(logits2, yy, reduction="none")
     torch.testing.assert_close(loss, (lam * ce(mb.y_a) + (1 - lam) * ce(mb.y_b)).mean())
     torch.testing.assert_close(last["targets"].sum(-1), torch.ones(6))  # targets sum to 1
     loss.backward()
@@ -153,15 +153,64 @@ def test_mixpro_step_matches_the_formula():
     assert len(hist["s"]) == 1 and abs(hist["s"][0] - s.mean().item()) < 1e-6
 
 
-def test_smoothing_zero_is_the_official_hard_loss():
+def test_default_is_the_official_hard_loss_with_a_smoothed_s():
+    # official main.train_one_epoch: sim = cos(mix_targets (smoothed), softmax(z)); lam = sim*lam_attn + (1-sim)*lam_old;
+    # loss = (lam * CE(z, y) + (1 - lam) * CE(z, y_flip)).mean() with CrossEntropyLoss(reduction="none"): no smoothing
     model = _vit().train()
     x, y = _batch(B=4, C=1)
-    step = mixpro_step(5, cell_size=4, smoothing=0.0, generator=torch.Generator().manual_seed(2))
+    step = mixpro_step(5, cell_size=4, generator=torch.Generator().manual_seed(2))  # smoothing=0.1, loss_smoothing=0
     loss, logits = step(model, x, y)
     mb, lam = step.last["batch"], step.last["lam"]
+    t_area = mix_targets(mb.y_a, mb.y_b, mb.lam_area, 5, 0.1)  # s from the *smoothed* MaskMix target
+    s = F.cosine_similarity(t_area, logits.softmax(-1), dim=1)
+    torch.testing.assert_close(lam, s * step.last["lam_attn"] + (1 - s) * mb.lam_area)
     official = (lam * F.cross_entropy(logits, mb.y_a, reduction="none")
                 + (1 - lam) * F.cross_entropy(logits, mb.y_b, reduction="none")).mean()
     torch.testing.assert_close(loss, official)
+    smoothed = mixpro_step(5, cell_size=4, loss_smoothing=0.1, generator=torch.Generator().manual_seed(2))
+    loss_s, _ = smoothed(model, x, y)
+    assert not torch.allclose(loss, loss_s), "loss_smoothing=0.1 must change the loss (the older, non-official form)"
+
+
+def test_pal_loss_on_a_hand_case():
+    # z = (ln 2, 0, 0, 0): softmax (2/5, 1/5, 1/5, 1/5), so CE(class 0) = ln(5/2) and CE(class 1) = ln 5
+    logits = torch.tensor([[math.log(2.0), 0.0, 0.0, 0.0]] * 2)
+    y_a, y_b = torch.tensor([0, 1]), torch.tensor([1, 0])
+    lam = torch.tensor([0.75, 0.25])
+    by_hand = (0.75 * math.log(2.5) + 0.25 * math.log(5.0) + 0.25 * math.log(5.0) + 0.75 * math.log(2.5)) / 2
+    assert abs(pal_loss(logits, y_a, y_b, lam).item() - by_hand) < 1e-6
+    # smoothed (eps = 0.1 over C = 4): targets 0.925 / 0.025 on each side, so CE_eps(0) = 0.925 ln(5/2) + 0.075 ln 5
+    ce0 = 0.925 * math.log(2.5) + 0.075 * math.log(5.0)
+    ce1 = 0.025 * math.log(2.5) + 0.975 * math.log(5.0)
+    smoothed_by_hand = (0.75 * ce0 + 0.25 * ce1 + 0.25 * ce1 + 0.75 * ce0) / 2
+    assert abs(pal_loss(logits, y_a, y_b, lam, smoothing=0.1).item() - smoothed_by_hand) < 1e-6
+    # and it is the soft cross-entropy against lam * t(y_a) + (1 - lam) * t(y_b), gradient through lam included
+    lam_g = lam.clone().requires_grad_(True)
+    pal_loss(logits, y_a, y_b, lam_g).backward()
+    torch.testing.assert_close(lam_g.grad, torch.tensor([math.log(2.5) - math.log(5.0), math.log(5.0) - math.log(2.5)]) / 2)
+    with pytest.raises(ValueError, match="lam"):
+        pal_loss(logits, y_a, y_b, torch.ones(3))
+
+
+def test_maskmix_matches_the_official_formula_on_a_hand_case(monkeypatch):
+    # official utils.MaskMix: mask of ceil(K*r) cells from x, upsampled with np.repeat (each cell a block), then
+    # samples * mask + flip_samples * (1 - mask); mask_ (patch level) flattened row-major; targets = mixup_target
+    # with lam = mask_count / K. Fix the cells, then compare with tensors written out by hand.
+    import vitlab.methods.training.mixpro as mixpro
+
+    keep = torch.tensor([[[True, False], [False, True]], [[True, True], [False, False]]])
+    monkeypatch.setattr(mixpro, "cell_mask", lambda B, grid, n, generator=None: keep if n == 2 else None)
+    x = torch.stack([torch.arange(16.0), 100 + torch.arange(16.0)]).view(2, 1, 4, 4)
+    mb = maskmix(x, torch.tensor([0, 2]), patch_size=1, cell_size=2, ratio=0.5, perm=torch.tensor([1, 0]))
+    expected = torch.tensor([[[0., 1., 102., 103.], [4., 5., 106., 107.], [108., 109., 10., 11.], [112., 113., 14., 15.]],
+                             [[100., 101., 102., 103.], [104., 105., 106., 107.], [8., 9., 10., 11.], [12., 13., 14., 15.]]])
+    torch.testing.assert_close(mb.images[:, 0], expected)
+    torch.testing.assert_close(mb.patch_keep, torch.tensor([[1., 1, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1],
+                                                            [1., 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]]))
+    torch.testing.assert_close(mb.lam_area, torch.tensor([0.5, 0.5]))
+    on, off = 0.9 + 0.1 / 3, 0.1 / 3  # official one_hot with smoothing 0.1 over 3 classes
+    t = mix_targets(mb.y_a, mb.y_b, mb.lam_area, 3, 0.1)
+    torch.testing.assert_close(t, torch.tensor([[(on + off) / 2, off, (on + off) / 2]] * 2))
 
 
 @pytest.mark.parametrize("make,label", [(maskmix_step, "area"), (transmix_step, "attention"), (mixpro_step, "pal")])
@@ -174,8 +223,9 @@ def test_the_three_labels(make, label):
     expected = {"area": last["batch"].lam_area, "attention": last["lam_attn"],
                 "pal": pal_lambda(last["batch"].lam_area, last["lam_attn"], last["s"])}[label]
     torch.testing.assert_close(last["lam"], expected)
+    eps = 0.1 if label == "area" else 0.0  # the area arm trains on the smoothed MaskMix target; PAL on hard CE
     torch.testing.assert_close(last["targets"],
-                               mix_targets(last["batch"].y_a, last["batch"].y_b, expected, 5, 0.1))
+                               mix_targets(last["batch"].y_a, last["batch"].y_b, expected, 5, eps))
     torch.testing.assert_close(last["targets"].sum(-1), torch.ones(6))
 
 
@@ -251,6 +301,12 @@ def test_bad_input():
         pal_lambda(torch.rand(2), torch.rand(3), torch.rand(2))
     with pytest.raises(ValueError, match="label"):
         MixStep(5, label="cutmix", cell_size=8)
+    with pytest.raises(ValueError, match="loss_smoothing"):
+        MixStep(5, cell_size=8, loss_smoothing=1.0)
+    with pytest.raises(TypeError, match="y_b"):
+        pal_loss(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([0.0, 1.0]), torch.ones(2))
+    with pytest.raises(ValueError, match="smoothing"):
+        pal_loss(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([1, 0]), torch.ones(2), smoothing=-0.1)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         mixpro_step(5, cell_size=6, patch_size=4)
     with pytest.raises(ValueError, match="needs mixup"):

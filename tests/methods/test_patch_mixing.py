@@ -204,3 +204,53 @@ def test_bad_call_arguments():
         SmallCNN(widths=())
     with pytest.raises(TypeError, match="model"):
         robustness_curves("net", None, 4)
+
+
+# ------------------------------------------------------------------------------------------------ the CutMix control
+def test_cutmix_step_pastes_one_box_and_mixes_labels_by_its_area():
+    import numpy as np
+
+    from vitlab.methods.training.patch_mixing import cutmix_step
+
+    x, y = _batch(B=4, H=8, W=8, classes=3)
+    keep = x.clone()
+    seen = {}
+
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0], [0.0, 0.0, 3.0], [-1.0, 1.0, 0.0]])
+
+    def net(inp):
+        seen["x"] = inp
+        return logits
+
+    np.random.seed(0)  # a draw that pastes a box of 25 of the 64 pixels
+    step = cutmix_step(3, smoothing=0.0)
+    loss, _ = step(net, x, y)
+    assert torch.equal(x, keep), "the caller's batch is not pasted into"
+    x_mix = seen["x"]
+    changed = (x_mix != x).any(1)  # [B, H, W]: pixels that came from the partner (random pixels always differ)
+    rows, cols = changed.any(0).any(1).nonzero().flatten(), changed.any(0).any(0).nonzero().flatten()
+    # one box, the same for the whole batch, taken from the batch in reverse order
+    if len(rows):
+        box = torch.zeros(8, 8, dtype=torch.bool)
+        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert all(torch.equal(c, box) for c in changed)
+        assert torch.equal(x_mix[:, :, box], x.flip(0)[:, :, box])
+    area = changed[0].float().mean().item()
+    targets = torch.zeros(4, 3)
+    targets[torch.arange(4), y] += 1 - area
+    targets[torch.arange(4), y.flip(0)] += area
+    # labels mixed by the pasted area (timm's correct_lam), soft cross-entropy on them
+    assert 0 < area < 1
+    by_hand = -(targets * logits.log_softmax(-1)).sum(-1).mean()
+    assert abs(loss.item() - by_hand.item()) < 1e-5
+
+
+def test_cutmix_step_bad_input():
+    from vitlab.methods.training.patch_mixing import cutmix_step
+
+    with pytest.raises(TypeError, match="num_classes"):
+        cutmix_step(2.5)
+    with pytest.raises(ValueError, match="alpha"):
+        cutmix_step(10, alpha=0.0)
+    with pytest.raises(ValueError, match="smoothing"):
+        cutmix_step(10, smoothing=1.0)

@@ -35,8 +35,9 @@ Our reading (where the paper and the code leave things open or are too big for a
   labels by the pasted area.
 - DRW as in ``sh/train_c10_if100.sh`` (``--drw 1100 --no-mixup-drw --weighted-distillation``): before the
   DRW step the distillation CE is unweighted; from it on, the distillation CE is class-weighted, mixing stops
-  (the CLS head gets CE on the hard labels, label-smoothed 0.1 like timm's Mixup targets) and the teacher sees
-  the unmixed images. The base loss is
+  (the CLS head gets plain CE on the hard labels, without label smoothing: with ``--no-mixup-drw`` the official
+  ``main.py`` switches the base criterion to ``torch.nn.CrossEntropyLoss()`` and ``engine.py`` passes the unmixed
+  integer targets; our ``drw_smoothing=0.0``) and the teacher sees the unmixed images. The base loss is
   never weighted (``--weighted-baseloss`` is off in that script). We switch at a *step*, not an epoch.
 - The official model also returns a cosine similarity of the two tokens and an optional extra loss; neither
   enters the loss of the published recipe, so we leave them out.
@@ -57,9 +58,20 @@ from timm.layers import trunc_normal_
 from vitlab.augment import cell_mask, mix_targets, paste, soft_cross_entropy, soft_targets
 from vitlab.models import SmallCNN, VisionTransformer
 
-__all__ = ["DistilledVisionTransformer", "distilled_vit", "class_balanced_weights", "drw_weights",
+__all__ = ["RECIPE", "train_teacher", "DistilledVisionTransformer", "distilled_vit", "class_balanced_weights",
+           "drw_weights",
            "deit_lt_loss", "strong_mix", "small_resnet", "balanced_softmax_loss", "SAM",
            "sam_training", "DeiTLTStep", "split_classes", "predict_heads", "head_mid_tail_report"]
+
+# The recipe's hyper-parameters in one place: the lesson and ``recipes.train_recipe`` (the chapter's compare) read
+# them from here. alpha: distillation weight; beta: effective-number β; drw_at: fraction of the steps after which
+# DRW starts (the official CIFAR script: epoch 1,100 of 1,200; our short runs switch half-way); smoothing: timm's
+# Mixup label smoothing before DRW; drw_smoothing: none after it (official --no-mixup-drw: plain CE); the teacher:
+# a small ResNet (its stem at stride 2 on 28-px digits: the teacher runs on every student step, so its cost counts)
+# trained with SAM (rho) around SGD and the balanced-softmax loss.
+RECIPE = dict(alpha=0.5, beta=0.9999, drw_at=0.5, smoothing=0.1, drw_smoothing=0.0, rho=0.05,
+              teacher_widths=(8, 16, 32), teacher_stem_stride=2, teacher_lr=0.05, teacher_weight_decay=5e-4)
+
 
 # ------------------------------------------------------------------------------------------------ checks
 def _check_number(value, name: str, fn: str, *, low: float, high: float, low_open=False, high_open=False) -> float:
@@ -274,16 +286,17 @@ def _beta(a: float, generator: torch.Generator) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the teacher
-def small_resnet(data=None, *, in_chans: int = 1, num_classes: int = 10, widths=(16, 32, 64)) -> SmallCNN:
+def small_resnet(data=None, *, in_chans: int = 1, num_classes: int = 10, widths=(16, 32, 64),
+                 stem_stride: int = 1) -> SmallCNN:
     """The teacher: the course's ``SmallCNN`` as a CIFAR-style ResNet in miniature (3×3 stem at stride 1, one
-    basic block per stage); ``widths=(16, 32, 64)`` is ResNet-8. Shaped for ``data`` (a vitlab ImageDataset),
-    else for in_chans/num_classes."""
+    basic block per stage); ``widths=(16, 32, 64)`` is ResNet-8. ``stem_stride=2`` halves the resolution at the
+    stem (4× cheaper on 28-px digits). Shaped for ``data`` (a vitlab ImageDataset), else for in_chans/num_classes."""
     if data is not None:
         if not all(hasattr(data, a) for a in ("in_chans", "num_classes")):
             raise TypeError(f"small_resnet: data must be a vitlab ImageDataset, got {type(data).__name__}")
         in_chans, num_classes = data.in_chans, data.num_classes
     return SmallCNN(in_chans, num_classes, tuple(widths) if isinstance(widths, (tuple, list)) else widths,
-                    blocks=1, stem_stride=1)
+                    blocks=1, stem_stride=stem_stride)
 
 
 def balanced_softmax_loss(counts) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -388,6 +401,26 @@ def sam_training(loss_fn: Callable, *, rho: float = 0.05, base="sgd"):
     return make_optimizer, step_fn
 
 
+def train_teacher(train, *, profile=None, epochs: int, batch_size: int, seed: int = 0,
+                  widths: tuple[int, ...] = RECIPE["teacher_widths"],
+                  stem_stride: int = RECIPE["teacher_stem_stride"], lr: float = RECIPE["teacher_lr"],
+                  weight_decay: float = RECIPE["teacher_weight_decay"], rho: float = RECIPE["rho"], shift: int = 0,
+                  progress: bool = False) -> tuple[nn.Module, dict]:
+    """The recipe's teacher: ``small_resnet(widths, stem_stride)`` trained with SAM around SGD on the
+    balanced-softmax loss of ``train``'s class counts (fp32, not compiled: SAM's second pass runs outside
+    autocast). → (teacher, history)."""
+    from vitlab.seed import seed_everything
+    from vitlab.train import fit
+
+    seed_everything(seed)
+    teacher = small_resnet(train, widths=tuple(widths), stem_stride=stem_stride)
+    make_sam, sam_step = sam_training(balanced_softmax_loss(train.class_counts()), rho=rho, base="sgd")
+    history = fit(teacher, train, profile=profile, epochs=epochs, batch_size=batch_size, optimizer=make_sam,
+                  step_fn=sam_step, lr=lr, weight_decay=weight_decay, shift=shift, amp=False, compile=False,
+                  seed=seed, progress=progress, desc=f"SAM teacher s{seed}")
+    return teacher.eval(), history
+
+
 # ------------------------------------------------------------------------------------------------ training step
 class DeiTLTStep:
     """A ``step_fn`` for ``vitlab.train.fit`` that trains a ``DistilledVisionTransformer``.
@@ -396,16 +429,21 @@ class DeiTLTStep:
     learns the mixed labels, DIST the teacher's argmax (unweighted). From ``drw_step`` on: no mixing (unless
     ``mix_after_drw``), CLS learns the hard labels, DIST the teacher's argmax weighted by ``class_weights``.
     ``mix_prob`` is the chance a batch is mixed at all (timm's Mixup ``prob``; 1 in the official recipe).
-    ``mix=False, drw_step=None`` is plain DeiT hard distillation. The teacher is frozen here (eval mode, no
+    ``mix=False, drw_step=None`` is plain DeiT hard distillation. Label smoothing: ``smoothing`` goes into the
+    mixed (and, before DRW, the unmixed) targets, as timm's Mixup does; from ``drw_step`` on, an unmixed batch
+    gets the hard labels smoothed by ``drw_smoothing`` (0 = plain CE on the hard labels, the official
+    ``--no-mixup-drw`` behaviour). ``class_weights=torch.ones(C)`` with a ``drw_step`` keeps the schedule (mixing
+    stops at the step) but never re-weights: the "without DRW" control. The teacher is frozen here (eval mode, no
     gradients). Counts its calls in ``.step``; ``.log`` keeps, per step, whether the weights were on and the two
     loss terms.
     """
 
-    def __init__(self, teacher: nn.Module, *, num_classes: int, alpha: float = 0.5,
+    def __init__(self, teacher: nn.Module, *, num_classes: int, alpha: float = RECIPE["alpha"],
                  class_weights: torch.Tensor | None = None, drw_step: int | None = None, mix: bool = True,
                  mix_after_drw: bool = False, mix_prob: float = 1.0, grid: tuple[int, int] | None = None,
                  mixup_alpha: float = 0.8,
-                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5, smoothing: float = 0.1, seed: int = 0):
+                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5, smoothing: float = RECIPE["smoothing"],
+                 drw_smoothing: float = RECIPE["drw_smoothing"], seed: int = 0):
         fn = "DeiTLTStep"
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"{fn}: teacher must be an nn.Module, got {type(teacher).__name__}")
@@ -427,6 +465,7 @@ class DeiTLTStep:
         self.mix_prob = _check_number(mix_prob, "mix_prob", fn, low=0.0, high=1.0)
         self.mix_kw = dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, switch_prob=switch_prob,
                            smoothing=_check_number(smoothing, "smoothing", fn, low=0.0, high=1.0, high_open=True))
+        self.drw_smoothing = _check_number(drw_smoothing, "drw_smoothing", fn, low=0.0, high=1.0, high_open=True)
         self.generator = torch.Generator().manual_seed(_check_int(seed, "seed", fn))
         self.step = 0
         self.log: list[dict] = []
@@ -444,8 +483,10 @@ class DeiTLTStep:
         if mixing and torch.rand((), generator=self.generator).item() < self.mix_prob:
             grid = self.grid or _grid_of(net)
             x, targets = strong_mix(x, y, self.num_classes, grid, generator=self.generator, **self.mix_kw)
+        elif in_drw and self.drw_smoothing == 0.0:
+            targets = y  # hard labels, plain CE (the official --no-mixup-drw stage)
         else:
-            targets = soft_targets(y, self.num_classes, self.mix_kw["smoothing"])
+            targets = soft_targets(y, self.num_classes, self.drw_smoothing if in_drw else self.mix_kw["smoothing"])
         self.teacher.to(x.device).eval()
         with torch.no_grad():
             teacher_logits = self.teacher(x)  # the same (mixed) images the student sees

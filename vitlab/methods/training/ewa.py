@@ -42,9 +42,14 @@ import torch.nn.functional as F
 from vitlab.checks import check_int as _check_int, check_model as _check_model
 
 __all__ = ["ExpertLinear", "EWAMoE", "random_uniform_partition", "moeify", "moe_layers", "average_experts_",
-           "expert_divergence", "collapse", "ewa_optimizer", "fit_ewa"]
+           "expert_divergence", "collapse", "ewa_optimizer", "fit_ewa", "DEFAULTS"]
 
 EVAL_ROUTING = ("random", "mean")
+
+# The lesson's cpu recipe (notebooks/4_training/ewa.ipynb), for the chapter's compare to share: a nano ViT with
+# 7-px patches (16 tokens) on mnist5k, no augmentation, AdamW; every other FFN a RUP-MoE of num_experts experts,
+# averaged with share_rate after every step. The plain ViT trained with the same arguments is the control.
+DEFAULTS = dict(model_kw=dict(patch_size=7), epochs=9, batch_size=48, lr=2e-3, num_experts=4, share_rate=0.3)
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -22,7 +22,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["Lion", "lion_step", "lion_for", "state_numel"]
+__all__ = ["Lion", "lion_step", "lion_for", "state_numel", "DEFAULTS"]
+
+# The lesson's cpu recipe (notebooks/4_training/lion.ipynb), for the chapter's compare to share: a nano ViT with
+# 7-px patches (16 tokens) on mnist5k, no augmentation; AdamW (the equal-step control) at adamw_lr and adamw_wd;
+# Lion at adamw_lr * lion_lr_factor with the weight decay scaled up so that lr * weight_decay stays AdamW's.
+DEFAULTS = dict(model_kw=dict(patch_size=7), epochs=9, batch_size=48, adamw_lr=2e-3, adamw_wd=0.05,
+                lion_lr_factor=1 / 3)
 
 
 def _check_number(value, name: str, fn: str, *, low: float = 0.0) -> float:

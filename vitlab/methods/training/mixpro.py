@@ -12,9 +12,9 @@ Written from the paper and the official code (github.com/fistyee/MixPro: ``utils
                   λ_attn = Σ_p M_p·a_p / Σ_p a_p                            (how much the model looked at x)
                   s = cos(t_area, softmax(z))  ∈ [0, 1]                     (progressive factor)
                   λ = s·λ_attn + (1 − s)·λ_area
-                  loss = CE(z, λ·t(y) + (1 − λ)·t(y[perm]))   (= λ·CE(z, y) + (1 − λ)·CE(z, y[perm]))
-              with t(·) the (smoothed) one-hot and t_area = λ_area·t(y) + (1 − λ_area)·t(y[perm]) the MaskMix
-              target. Early in training the prediction z is near uniform, s is small and the label is the area;
+                  loss = λ·CE(z, y) + (1 − λ)·CE(z, y[perm])          (hard cross-entropy, as the official code)
+              with t_area = λ_area·t(y) + (1 − λ_area)·t(y[perm]) the MaskMix target, t(·) the label-smoothed
+              one-hot: the smoothing enters through s only. Early in training the prediction z is near uniform, s is small and the label is the area;
               as the model starts to predict the two mixed classes, s → 1 and the label follows the attention.
     TransMix  (comparison, Chen et al., CVPR 2022) the label is the attention alone: λ = λ_attn.
 
@@ -29,9 +29,12 @@ Our reading, where the paper leaves details open (the official code decides):
 - The progressive factor is computed from the *non-detached* output, as the official code does, so the loss
   also pushes gradient through s (``detach_s=True`` turns that off). The attention is detached.
 - ``a`` is the CLS row over the patch tokens only (CLS→CLS dropped), not renormalised: λ_attn divides by Σa.
-- Smoothing: the official PAL loss is a hard cross-entropy and only the target fed to s is smoothed; we smooth
-  both (``smoothing=0.1``), so every arm of the comparison uses the same smoothing. ``smoothing=0`` gives the
-  official loss exactly (cross-entropy is linear in its target).
+- Smoothing, as the official ``main.train_one_epoch``: ``smoothing`` (0.1) smooths the MaskMix target t_area,
+  which feeds s and is the loss target of the area-label arm (the official MaskMix-only path trains on it with
+  soft-target cross-entropy); the PAL loss itself is a *hard* cross-entropy,
+  λ·CE(z, y) + (1 − λ)·CE(z, y[perm]) (``pal_loss``). ``loss_smoothing`` (default 0.0, the official loss) smooths
+  that loss too for the "attention" and "pal" labels; ``loss_smoothing=smoothing`` smooths both, as an earlier
+  version of this module did.
 - With probability 1 − ``maskmix_prob`` the official code uses timm's Mixup/CutMix instead (0.5 in its configs);
   our default is 1 (always MaskMix), so the lesson isolates MixPro; pass ``mixup=`` and ``maskmix_prob=0.5``
   for the paper's recipe.
@@ -53,11 +56,16 @@ from torch import Tensor
 from vitlab.augment import cell_mask, cells_to_pixels, mix_targets, soft_cross_entropy
 
 __all__ = ["MaskMixBatch", "maskmix", "cls_patch_attention", "attention_lambda", "progressive_factor",
-           "pal_lambda", "MixStep", "baseline_step", "timm_mix_step", "maskmix_step", "transmix_step",
-           "mixpro_step", "LABELS"]
+           "pal_lambda", "pal_loss", "MixStep", "baseline_step", "timm_mix_step", "maskmix_step", "transmix_step",
+           "mixpro_step", "LABELS", "DEFAULTS"]
 
 LABELS = ("area", "attention", "pal")  # MaskMix, TransMix-style, MixPro
 HISTORY_KEYS = ("s", "lam_area", "lam_attn", "lam", "attn_gap")
+
+# The lesson's cpu recipe (notebooks/4_training/mixpro.ipynb), for the chapter's compare to share: a nano ViT with
+# 7-px patches (16 tokens) on mnist5k, MaskMix cells of one patch (a 4x4 grid), no other augmentation, AdamW; the
+# baseline trained with the same arguments and label smoothing 0.1 is the control.
+DEFAULTS = dict(patch=7, cell=7, epochs=9, batch_size=48, lr=2e-3, smoothing=0.1)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -212,17 +220,40 @@ def pal_lambda(lam_area: Tensor, lam_attn: Tensor, s: Tensor) -> Tensor:
     return s * lam_attn + (1.0 - s) * lam_area
 
 
+def pal_loss(logits: Tensor, y_a: Tensor, y_b: Tensor, lam: Tensor, smoothing: float = 0.0) -> Tensor:
+    """The official PAL loss: mean over the batch of λ·CE(z, y_a) + (1 − λ)·CE(z, y_b), per-sample ``lam`` [B].
+
+    Hard cross-entropy by default (``smoothing=0``), as the official code; gradients flow through ``lam`` (it
+    carries s, which is not detached). Equal to the soft cross-entropy against λ·t(y_a) + (1 − λ)·t(y_b).
+    """
+    if not torch.is_tensor(logits) or logits.ndim != 2:
+        raise ValueError(f"pal_loss: logits must be a tensor [B, C], got {tuple(getattr(logits, 'shape', ()))}")
+    B = logits.shape[0]
+    _check_labels(y_a, B, "y_a", "pal_loss")
+    _check_labels(y_b, B, "y_b", "pal_loss")
+    if not torch.is_tensor(lam) or lam.shape != (B,):
+        raise ValueError(f"pal_loss: lam must be a tensor [B={B}], got {tuple(getattr(lam, 'shape', ()))}")
+    smoothing = _check_unit(smoothing, "smoothing", "pal_loss", open_right=True)
+    z = logits.float()
+    ce_a = F.cross_entropy(z, y_a, reduction="none", label_smoothing=smoothing)
+    ce_b = F.cross_entropy(z, y_b, reduction="none", label_smoothing=smoothing)
+    return (lam * ce_a + (1.0 - lam) * ce_b).mean()
+
+
 # ------------------------------------------------------------------------------------------------ step_fns
 class MixStep:
     """A ``vitlab.train.fit`` step_fn: MaskMix the batch, label it by ``label`` ("area": MaskMix, "attention":
     TransMix-style, "pal": MixPro), soft cross-entropy. Every MaskMix step computes all three λ and s (the
     attention comes with the forward pass), so any arm can be compared; ``history()`` returns their batch means
     per step.
+
+    ``smoothing`` smooths the MaskMix target t_area (the input of s, and the "area" arm's loss target);
+    ``loss_smoothing`` smooths the "attention"/"pal" loss, which is the official hard cross-entropy at 0.0.
     """
 
     def __init__(self, num_classes: int, *, label: str = "pal", cell_size: int, patch_size: int | None = None,
-                 alpha: float = 1.0, smoothing: float = 0.1, maskmix_prob: float = 1.0, mixup=None,
-                 detach_s: bool = False, generator: torch.Generator | None = None):
+                 alpha: float = 1.0, smoothing: float = 0.1, loss_smoothing: float = 0.0, maskmix_prob: float = 1.0,
+                 mixup=None, detach_s: bool = False, generator: torch.Generator | None = None):
         fn = "MixStep"
         _check_pos_int(num_classes, "num_classes", fn)
         if num_classes < 2:
@@ -236,6 +267,7 @@ class MixStep:
                 raise ValueError(f"{fn}: cell_size={cell_size} must be a multiple of patch_size={patch_size}")
         self.alpha = _check_alpha(alpha, fn)
         self.smoothing = _check_unit(smoothing, "smoothing", fn, open_right=True)
+        self.loss_smoothing = _check_unit(loss_smoothing, "loss_smoothing", fn, open_right=True)
         self.maskmix_prob = _check_unit(maskmix_prob, "maskmix_prob", fn)
         if self.maskmix_prob < 1.0 and not callable(mixup):
             raise ValueError(f"{fn}: maskmix_prob={maskmix_prob} < 1 needs mixup= (e.g. timm.data.Mixup) for the "
@@ -262,13 +294,16 @@ class MixStep:
         s = progressive_factor(t_area, logits.detach() if self.detach_s else logits)
         lam_pal = pal_lambda(mb.lam_area, lam_attn, s)
         lam = {"area": mb.lam_area, "attention": lam_attn, "pal": lam_pal}[self.label]
-        targets = t_area if self.label == "area" else mix_targets(mb.y_a, mb.y_b, lam, self.num_classes,
-                                                                   self.smoothing)
+        if self.label == "area":  # the official MaskMix-only path: soft-target CE against the smoothed t_area
+            targets, loss = t_area, soft_cross_entropy(logits, t_area)
+        else:  # the official PAL loss: hard CE (loss_smoothing=0), λ carrying s's gradient
+            targets = mix_targets(mb.y_a, mb.y_b, lam.detach(), self.num_classes, self.loss_smoothing)
+            loss = pal_loss(logits, mb.y_a, mb.y_b, lam, self.loss_smoothing)
         self._log.append(torch.stack([s.mean(), mb.lam_area.mean(), lam_attn.mean(), lam.mean(),
                                       (lam_attn - mb.lam_area).abs().mean()]).detach())
         self.last = dict(batch=mb, attn=attn, s=s.detach(), lam_attn=lam_attn, lam=lam.detach(),
                          targets=targets.detach())
-        return soft_cross_entropy(logits, targets), logits
+        return loss, logits
 
     def history(self) -> dict[str, list[float]]:
         """Batch means per MaskMix step: s, lam_area, lam_attn, lam (the one used for the label) and

@@ -44,8 +44,12 @@ from ...data import corrupt
 from ...models.cnn import SmallCNN, small_cnn  # the course's CNN; re-exported for the lesson
 from ...checks import check_int as _check_int
 
-__all__ = ["PatchMix", "patchmix_step", "SmallCNN", "small_cnn", "replace_out_of_context", "robustness_curves"]
+__all__ = ["RECIPE", "PatchMix", "patchmix_step", "cutmix_step", "SmallCNN", "small_cnn", "replace_out_of_context",
+           "robustness_curves"]
 
+# The recipe's hyper-parameters in one place (the lesson and ``recipes.train_recipe`` read them from here): at most
+# half of the cells pasted, labels mixed by area and smoothed by 0.1.
+RECIPE = dict(max_ratio=0.5, smoothing=0.1)
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -122,6 +126,33 @@ def patchmix_step(mixer: PatchMix):
         logits = net(x_mix)
         return soft_cross_entropy(logits.float(), targets), logits
 
+    return step
+
+
+def cutmix_step(num_classes: int, *, alpha: float = 1.0, smoothing: float = 0.1):
+    """The control: a ``step_fn`` that trains with timm's CutMix instead (``timm.data.Mixup`` with
+    ``cutmix_alpha=alpha``, no Mixup, every batch, one box per batch pasted from the batch in reverse order,
+    λ corrected to the pasted area, labels smoothed by ``smoothing``), then soft cross-entropy.
+
+    Same label mixing by area and the same smoothing as ``patchmix_step``; what differs is *what* is pasted:
+    one rectangle of random size and place, not grid-aligned cells. The box and λ come from NumPy's global
+    generator (timm's), which ``vitlab.train.fit(seed=...)`` seeds. Needs an even batch size (timm's rule).
+    """
+    from timm.data import Mixup
+
+    num_classes = _check_int(num_classes, "num_classes", "cutmix_step", low=2)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"cutmix_step: alpha must be a positive number, got {alpha!r}")
+    smoothing = _check_fraction(smoothing, "smoothing", "cutmix_step", upper_open=True)
+    mixer = Mixup(mixup_alpha=0.0, cutmix_alpha=float(alpha), prob=1.0, switch_prob=0.0, mode="batch",
+                  correct_lam=True, label_smoothing=smoothing, num_classes=num_classes)
+
+    def step(net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x_mix, targets = mixer(x.clone(), y)  # timm pastes in place: never into the caller's tensor
+        logits = net(x_mix)
+        return soft_cross_entropy(logits.float(), targets.float()), logits
+
+    step.mixer = mixer
     return step
 
 
