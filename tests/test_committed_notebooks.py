@@ -41,16 +41,6 @@ PENDING_RERUN = {
     "notebooks/2_efficient/snnetv2.ipynb",
     "notebooks/2_efficient/sparsifiner.ipynb",
     "notebooks/2_efficient/stvit.ipynb",
-    "notebooks/3_quantization/compare.ipynb",
-    "notebooks/3_quantization/is_vit.ipynb",
-    "notebooks/3_quantization/lrp_qvit.ipynb",
-    "notebooks/3_quantization/mptq_vit.ipynb",
-    "notebooks/4_training/compare.ipynb",
-    "notebooks/4_training/deit_lt.ipynb",
-    "notebooks/4_training/ewa.ipynb",
-    "notebooks/4_training/lion.ipynb",
-    "notebooks/4_training/mixpro.ipynb",
-    "notebooks/4_training/patch_mixing.ipynb",
 }
 # Prose under "Reading the results" / "What we verified" that still types numbers (issue 10).
 PENDING_PROSE = {
@@ -64,15 +54,6 @@ PENDING_PROSE = {
     "notebooks/2_efficient/repavit.ipynb",
     "notebooks/2_efficient/sit.ipynb",
     "notebooks/2_efficient/stvit.ipynb",
-    "notebooks/3_quantization/compare.ipynb",
-    "notebooks/3_quantization/is_vit.ipynb",
-    "notebooks/3_quantization/lrp_qvit.ipynb",
-    "notebooks/3_quantization/mptq_vit.ipynb",
-    "notebooks/4_training/deit_lt.ipynb",
-    "notebooks/4_training/ewa.ipynb",
-    "notebooks/4_training/lion.ipynb",
-    "notebooks/4_training/mixpro.ipynb",
-    "notebooks/4_training/patch_mixing.ipynb",
 }
 
 RESULTS_HEADING = re.compile(r"^#+\s*(Reading\b|What we verified)", re.I)
