@@ -26,8 +26,6 @@ LESSON_SECONDS, COMPARE_SECONDS = 300, 900
 
 # Committed outputs not yet re-run in the cpu profile under the experimental standard (issue 10).
 PENDING_RERUN = {
-    "notebooks/0_foundations/scaling_up.ipynb",
-    "notebooks/0_foundations/triton_kernels.ipynb",
     "notebooks/0_foundations/vit_from_scratch.ipynb",
     "notebooks/2_efficient/compare.ipynb",
     "notebooks/2_efficient/diffrate.ipynb",
