@@ -26,7 +26,6 @@ LESSON_SECONDS, COMPARE_SECONDS = 300, 900
 
 # Committed outputs not yet re-run in the cpu profile under the experimental standard (issue 10).
 PENDING_RERUN = {
-    "notebooks/0_foundations/vit_from_scratch.ipynb",
     "notebooks/2_efficient/compare.ipynb",
     "notebooks/2_efficient/diffrate.ipynb",
     "notebooks/2_efficient/dimap.ipynb",
