@@ -360,6 +360,17 @@ def average_bits(bits: dict[str, int], params: dict[str, int]) -> float:
     return num / den
 
 
+def _check_same_layers(per_layer, params, name: str, fn: str) -> None:
+    """``per_layer`` and ``params`` are dicts over the same non-empty set of layer names."""
+    if not isinstance(per_layer, dict) or not isinstance(params, dict):
+        raise TypeError(f"{fn}: {name} and params must be dicts keyed by layer name, got "
+                        f"{type(per_layer).__name__}, {type(params).__name__}")
+    if not per_layer or set(per_layer) != set(params):
+        raise ValueError(f"{fn}: {name} and params must name the same (non-empty) set of layers; only in {name}: "
+                         f"{sorted(set(per_layer) - set(params))}, only in params: "
+                         f"{sorted(set(params) - set(per_layer))}")
+
+
 def allocate_bits(scores: dict[str, float], params: dict[str, int], budget: float,
                   choices=(4, 6, 8)) -> dict[str, int]:
     """Per-layer bits from ``choices`` whose parameter-weighted average is *exactly* ``budget``, minimising
@@ -367,12 +378,7 @@ def allocate_bits(scores: dict[str, float], params: dict[str, int], budget: floa
     bit-budget (parameter counts divided by their gcd). Raises ValueError if the budget cannot be met exactly.
     """
     fn = "allocate_bits"
-    if not isinstance(scores, dict) or not isinstance(params, dict):
-        raise TypeError(f"{fn}: scores and params must be dicts keyed by layer name, got "
-                        f"{type(scores).__name__}, {type(params).__name__}")
-    if not scores or set(scores) != set(params):
-        raise ValueError(f"{fn}: scores and params must name the same (non-empty) set of layers; only in scores: "
-                         f"{sorted(set(scores) - set(params))}, only in params: {sorted(set(params) - set(scores))}")
+    _check_same_layers(scores, params, "scores", fn)
     for n, v in scores.items():
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{fn}: scores[{n!r}] must be a finite number >= 0, got {v!r}")
@@ -421,12 +427,7 @@ def allocate_bits_by_cost(costs: dict[str, dict[int, float]], params: dict[str, 
     alone at b bits (``mptq_vit.sensitivity_table``) this is the KL-sensitivity control of the LRP lesson:
     an allocation from a direct measurement of each layer's damage rather than from relevance."""
     fn = "allocate_bits_by_cost"
-    if not isinstance(costs, dict) or not isinstance(params, dict):
-        raise TypeError(f"{fn}: costs and params must be dicts keyed by layer name, got "
-                        f"{type(costs).__name__}, {type(params).__name__}")
-    if not costs or set(costs) != set(params):
-        raise ValueError(f"{fn}: costs and params must name the same (non-empty) set of layers; only in costs: "
-                         f"{sorted(set(costs) - set(params))}, only in params: {sorted(set(params) - set(costs))}")
+    _check_same_layers(costs, params, "costs", fn)
     choices = _check_choices(choices, budget, fn)
     for n, row in costs.items():
         if not isinstance(row, dict) or any(b not in row for b in choices):
