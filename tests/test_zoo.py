@@ -251,3 +251,35 @@ def test_a_trainer_killed_mid_training_leaves_nothing_half_written(ckpts):
     model = zoo.get(zh.NAME, "smoke", progress=False)  # the dead trainer's lock is gone with it
     assert time.perf_counter() - t0 < 30
     _valid_after(ckpts, model)
+
+
+# ------------------------------------------------------------------------------------------ fine-tunes (init=)
+FT = "test_vit_digits8_ft"
+if FT not in zoo.ZOO:
+    zoo.register(FT, zoo.Recipe(model="vit_nano", data="digits8", init=zh.NAME,
+                                fit=dict(steps=2, lr=1e-4, shift=0, batch_size=64, seed=3)))
+
+
+def test_finetune_starts_from_its_base_and_follows_it(ckpts):
+    base = zoo.get(zh.NAME, "smoke", progress=False)
+    tuned, info = zoo.get(FT, "smoke", progress=False, return_info=True)
+    assert info["config"]["init"] == {"name": zh.NAME, "sha256": zoo.state_hash(base.state_dict())}
+    # two small steps from the base: close to it, not a fresh random init
+    moved = max((a - b).abs().max().item() for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
+    assert 0 < moved < 0.01
+    with pytest.warns(UserWarning, match="another recipe"):  # a different base: the fine-tune is not trusted
+        zh.checkpoint(ckpts).unlink()
+        zoo.ZOO[zh.NAME] = zoo.Recipe(model="vit_nano", data="digits8",
+                                      fit=dict(epochs=1, lr=2e-3, shift=0, batch_size=64))
+        try:
+            zoo.get(FT, "smoke", progress=False)
+        finally:
+            zoo.ZOO[zh.NAME] = zoo.Recipe(model="vit_nano", data="digits8",
+                                          fit=dict(epochs=1, lr=1e-3, shift=0, batch_size=64))
+
+
+def test_register_rejects_an_unknown_or_mismatched_init():
+    with pytest.raises(ValueError, match="must be a registered 'vit_tiny' entry"):
+        zoo.register("t_bad_init", zoo.Recipe(model="vit_tiny", data="digits8", init="no_such_base"))
+    with pytest.raises(ValueError, match="must be a registered 'vit_tiny' entry"):
+        zoo.register("t_bad_init", zoo.Recipe(model="vit_tiny", data="digits8", init=zh.NAME))  # a vit_nano base

@@ -48,6 +48,8 @@ class Recipe:
     # profile name -> the profile whose checkpoint it loads: {"smoke": "cpu"} gives CI the real base model
     # (committed once) instead of a smoke-sized one that would make every comparison built on it noise
     shares: dict = field(default_factory=dict)
+    # another entry whose weights start the training: a fine-tune of that base (e.g. an equal-step dense control)
+    init: str | None = None
 
     def checkpoint_profile(self, profile_name: str) -> str:
         return self.shares.get(profile_name, profile_name)
@@ -63,12 +65,25 @@ class Recipe:
         return cfg
 
 
+def _config(recipe: Recipe, P: Profile) -> dict[str, Any]:
+    """``recipe.config`` plus, for a fine-tune, the starting weights' hash: a retrained base retrains its
+    fine-tunes too."""
+    cfg = recipe.config(P.name)
+    if recipe.init is not None:
+        _, info = get(recipe.init, P, return_info=True, progress=False)
+        cfg["init"] = {"name": recipe.init, "sha256": info["sha256"]}
+    return cfg
+
+
 ZOO: dict[str, Recipe] = {}
 
 
 def register(name: str, recipe: Recipe) -> None:
     if name in ZOO:
         raise ValueError(f"zoo.register: {name!r} is already registered")
+    if recipe.init is not None and (recipe.init not in ZOO or ZOO[recipe.init].model != recipe.model):
+        raise ValueError(f"zoo.register: {name!r} starts from {recipe.init!r}, which must be a registered "
+                         f"{recipe.model!r} entry")
     ZOO[name] = recipe
 
 
@@ -93,6 +108,17 @@ register("vit_nano_scenes", Recipe(
     fit=dict(lr=2e-3, weight_decay=0.05, warmup=0.1, shift=2),
     per_profile={"cpu": dict(epochs=40, batch_size=128), "gpu": dict(epochs=100, batch_size=128)},
     shares={"smoke": "cpu"}))
+# Chapter 2's equal-step dense controls: the base fine-tuned with the chapter's fine-tune recipe, exactly as a
+# method's fine-tune is (same steps, lr, data, seed), one entry per seed. Every "method vs base" claim of chapter 2
+# is asserted against these, so that the extra steps alone are never credited to the method.
+SCENES_FINETUNE = dict(lr=1e-4, weight_decay=0.05, warmup=0.1, shift=2, label_smoothing=0.1, batch_size=64)
+SCENES_FINETUNE_STEPS = {"smoke": 5, "cpu": 100, "gpu": 3000}
+CONTROL_SEEDS = (0, 1, 2)
+for _seed in CONTROL_SEEDS:
+    register(f"vit_tiny_scenes_ft{_seed}", Recipe(
+        model="vit_tiny", data="cluttered_scenes", data_kwargs=dict(img_size=32, in_chans=3),
+        train_kwargs=dict(n=20000), fit=dict(SCENES_FINETUNE, seed=_seed),
+        per_profile={p: dict(steps=s) for p, s in SCENES_FINETUNE_STEPS.items()}, init="vit_tiny_scenes"))
 # The GPU chapters' base model (quantisation, efficient inference at scale): CIFAR-100 downloads, so only the
 # gpu profile (or a caller that allows downloads) can train it; offline profiles get load()'s clear error.
 # SN-Netv2's small anchor on GPU, stitched to vit_small_cifar100 (12 x 192): vit_tiny (6 x 96) on the same data.
@@ -102,6 +128,10 @@ register("vit_tiny_cifar100", Recipe(
 register("vit_small_cifar100", Recipe(
     model="vit_small", data="cifar100", fit=dict(lr=1e-3, weight_decay=0.05, warmup=5, shift=4),
     per_profile={"gpu": dict(epochs=100, batch_size=256)}))
+for _seed in CONTROL_SEEDS:  # chapter 2's dense controls on GPU (see vit_tiny_scenes_ft*)
+    register(f"vit_small_cifar100_ft{_seed}", Recipe(
+        model="vit_small", data="cifar100", fit=dict(SCENES_FINETUNE, shift=4, seed=_seed),
+        per_profile={"gpu": dict(steps=SCENES_FINETUNE_STEPS["gpu"])}, init="vit_small_cifar100"))
 
 
 def checkpoint_dir() -> Path:
@@ -169,7 +199,7 @@ def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
     from .seed import seed_everything
     from .train import evaluate, fit
 
-    cfg = recipe.config(P.name)
+    cfg = _config(recipe, P)
     data_profile = P if cfg["max_train"] == "profile" else P.replace(max_train=cfg["max_train"])
     train = vdata.load(recipe.data, "train", data_profile, seed=recipe.seed,
                        **{**recipe.data_kwargs, **recipe.train_kwargs})
@@ -177,8 +207,11 @@ def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
     test = vdata.load(recipe.data, "test", data_profile, seed=recipe.seed, **recipe.data_kwargs)
     seed_everything(recipe.seed)
     model = create_model(recipe.model, data=train)
-    history = fit(model, train, val, profile=P, seed=recipe.seed, progress=progress, desc=f"zoo {name}",
-                  **cfg["fit"])
+    if recipe.init is not None:
+        model.load_state_dict(get(recipe.init, P, progress=False).state_dict(), strict=True)
+    # the recipe's fit may carry its own seed (data order, shifts) while the data keep recipe.seed
+    history = fit(model, train, val, profile=P, progress=progress, desc=f"zoo {name}",
+                  **{"seed": recipe.seed, **cfg["fit"]})
     metrics = {"train_acc": evaluate(model, train)["acc"], "val_acc": history["val_acc"][-1],
                "test_acc": evaluate(model, test)["acc"], "train_seconds": history["seconds"][-1],
                "plateau_gain": plateau_gain(history["val_acc"])}
@@ -265,7 +298,7 @@ def get(name: str, profile: Profile | str | None = None, *, retrain: bool = Fals
     """
     recipe = _recipe(name)
     P = get_profile(recipe.checkpoint_profile(get_profile(profile).name))  # the profile that trains the weights
-    cfg = recipe.config(P.name)
+    cfg = _config(recipe, P)
     path = path_for(name, P)
     found = None if retrain else _valid(path, cfg, recipe)
     if found is None and not _writable(path.parent):  # say so before the training, not after it

@@ -1,9 +1,17 @@
 """Chapter 2's shared set-up: one base model, one dataset, one way to measure, one entry per method.
 
     base = base_model(P)                       # the zoo's vit_tiny_scenes (CIFAR-100 vit_small on GPU)
-    train, val, test = scenes(P)               # cluttered_scenes at 32 px, RGB (CIFAR-100 on GPU)
-    out = method_entry("evit")(base, train, P) # each method's own reduced/trained model: a `Reduced`
+    train, val, test = scenes(P)               # the data the base was trained on: cluttered_scenes 32 px RGB
+    fit(model, train, **finetune_kwargs(P), seed=s)   # THE chapter fine-tune: every method's, every control's
+    control = dense_control(s, P)              # the base fine-tuned exactly so, dense (zoo-cached, per seed)
+    out = method_entry("evit")(base, train, P, seed=s) # each method's own reduced/trained model: a `Reduced`
     row = measure_row("evit", out, test, P)    # accuracy, GFLOPs, throughput, tokens: the same for every method
+
+The experimental standard (DESIGN.md §8): a method that fine-tunes the base gets ``finetune_kwargs(P)`` (the same
+optimiser, lr, schedule, augmentation and number of steps for every method) and is compared, seed by seed, with
+``dense_control(seed, P)``: the dense base fine-tuned with exactly those arguments. Without that control, the
+extra steps alone would be credited to the method. ``seeds(P)`` are the seeds a claim is asserted over
+(``vitlab.stats.paired_gap`` gives the margin).
 
 Every lesson ``vitlab/methods/efficient/<method>.py`` defines ``for_compare(base, train, profile) -> Reduced``:
 the method applied to (or trained from) the shared base with the profile's small budget, so that
@@ -24,8 +32,8 @@ from vitlab import measure, zoo
 from vitlab.profiles import Profile
 from vitlab.profiles import profile as get_profile
 
-__all__ = ["METHODS", "Reduced", "base_model", "scenes", "finetune_steps", "method_entry", "measure_row",
-           "dense_tokens"]
+__all__ = ["METHODS", "Reduced", "base_model", "scenes", "finetune_steps", "finetune_kwargs", "seeds",
+           "dense_control", "method_entry", "measure_row", "dense_tokens"]
 
 METHODS = ("evit", "diffrate", "sparsifiner", "sit", "mctf", "stvit", "gtp", "lookupvit", "repavit", "snnetv2",
            "dimap")
@@ -53,23 +61,52 @@ def _gpu(P: Profile) -> bool:
     return P.name == "gpu"
 
 
+def _base_name(P: Profile) -> str:
+    return "vit_small_cifar100" if _gpu(P) else "vit_tiny_scenes"
+
+
 def base_model(profile: Profile | str | None = None) -> nn.Module:
     """The chapter's dense base ViT (eval mode): ``vit_tiny_scenes`` offline, ``vit_small_cifar100`` on GPU."""
     P = get_profile(profile)
-    return zoo.get("vit_small_cifar100" if _gpu(P) else "vit_tiny_scenes", P)
+    return zoo.get(_base_name(P), P)
 
 
 def scenes(profile: Profile | str | None = None):
-    """(train, val, test) the base model was trained on: cluttered scenes 32 px RGB, CIFAR-100 on GPU."""
+    """(train, val, test) exactly as the base model was trained on them: cluttered scenes 32 px RGB (20,000
+    training scenes; the profile's ``max_train`` caps them), CIFAR-100 on GPU."""
     P = get_profile(profile)
-    if _gpu(P):
-        return tuple(vdata.load("cifar100", s, P) for s in ("train", "val", "test"))
-    return tuple(vdata.load("cluttered_scenes", s, P, img_size=32, in_chans=3) for s in ("train", "val", "test"))
+    recipe = zoo.ZOO[_base_name(P)]
+    return tuple(vdata.load(recipe.data, s, P, seed=recipe.seed, **recipe.data_kwargs,
+                            **(recipe.train_kwargs if s == "train" else {})) for s in ("train", "val", "test"))
 
 
 def finetune_steps(profile: Profile | str | None = None) -> int:
-    """The fine-tuning budget every method gets in the comparison (optimizer steps, batch 64)."""
-    return {"smoke": 5, "cpu": 300}.get(get_profile(profile).name, 3000)
+    """The fine-tuning budget every method gets (optimizer steps of batch 64): smoke 5, cpu 100, gpu 3000."""
+    return zoo.SCENES_FINETUNE_STEPS[get_profile(profile).name]
+
+
+def finetune_kwargs(profile: Profile | str | None = None) -> dict:
+    """The chapter's one fine-tune recipe, as ``vitlab.train.fit`` arguments (add ``seed=``): AdamW lr 1e-4, weight
+    decay 0.05, 10 % warm-up then cosine, label smoothing 0.1, ±2 px shifts (±4 on CIFAR), batch 64,
+    ``finetune_steps`` steps. The dense controls are trained with exactly these."""
+    P = get_profile(profile)
+    fit_kwargs = dict(zoo.ZOO[f"{_base_name(P)}_ft0"].fit)
+    fit_kwargs.pop("seed")
+    return {**fit_kwargs, "steps": finetune_steps(P)}
+
+
+def seeds(profile: Profile | str | None = None) -> tuple[int, ...]:
+    """Seeds a claim is asserted over: one in smoke (the sign of a gap only), three in cpu and gpu."""
+    return (0,) if get_profile(profile).name == "smoke" else zoo.CONTROL_SEEDS
+
+
+def dense_control(seed: int, profile: Profile | str | None = None) -> nn.Module:
+    """The equal-step dense control for ``seed``: the base fine-tuned with ``finetune_kwargs(profile)`` and that
+    seed (eval mode). Trained once and cached by the zoo (``vit_tiny_scenes_ft<seed>``)."""
+    P = get_profile(profile)
+    if seed not in zoo.CONTROL_SEEDS:
+        raise ValueError(f"dense_control: seed must be one of {zoo.CONTROL_SEEDS}, got {seed!r}")
+    return zoo.get(f"{_base_name(P)}_ft{seed}", P)
 
 
 def dense_tokens(model: nn.Module) -> int:
