@@ -156,3 +156,18 @@ def test_attention_maps_colorbar_names_what_is_drawn():
     assert fig.axes[-1].get_ylabel() == "kept token"
     with pytest.raises(TypeError, match="label"):
         viz.attention_maps(images(2, size=8), torch.rand(2, 4), patch_size=4, label=3)
+
+
+def test_pareto_labels_do_not_collide_and_error_bars_show():
+    import itertools
+
+    pts = [dict(name=f"method_{i}", x=1.0 + 0.01 * (i % 4), y=0.95 + 0.002 * (i // 4), yerr=0.003) for i in range(12)]
+    fig = viz.pareto(pts)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(p["name"] for p in pts)
+    assert not [(a, b) for a, b in itertools.combinations(range(len(boxes)), 2) if boxes[a].overlaps(boxes[b])]
+    assert ax.containers, "yerr is drawn as error bars"
+    with pytest.raises(ValueError, match="yerr=-1; expected a finite number >= 0"):
+        viz.pareto([dict(name="a", x=1, y=1, yerr=-1)])

@@ -15,7 +15,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
 __all__ = ["use_style", "image_grid", "attention_maps", "training_curves", "pareto_frontier", "pareto", "bar"]
 
@@ -278,11 +280,16 @@ def _points(points, fn: str) -> list[dict]:
     seen = set()
     for p in points:
         if not isinstance(p, dict) or not {"name", "x", "y"} <= p.keys():
-            raise ValueError(f"{fn}: each point must be a dict with keys name, x, y (group optional), got {p!r}")
+            raise ValueError(f"{fn}: each point must be a dict with keys name, x, y (group, xerr, yerr optional), "
+                             f"got {p!r}")
         for k in ("x", "y"):
             v = p[k]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{fn}: point {p['name']!r} has {k}={v!r}; expected a finite number")
+        for k in ("xerr", "yerr"):
+            v = p.get(k, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{fn}: point {p['name']!r} has {k}={v!r}; expected a finite number >= 0")
         if p["name"] in seen:
             raise ValueError(f"{fn}: point names must be unique, {p['name']!r} appears twice")
         seen.add(p["name"])
@@ -303,6 +310,42 @@ def pareto_frontier(points) -> list[str]:
     return [p["name"] for p in sorted(front, key=lambda p: (p["x"], p["y"]))]
 
 
+# Label offsets (points) tried in turn: right, left, above, below, then further out; the first that overlaps no
+# label placed so far (nor a marker) wins, so clustered methods stay readable.
+_LABEL_OFFSETS = [(6, 4), (6, -11), (-6, 4), (-6, -11), (0, 10), (0, -17), (12, 14), (12, -21), (-12, 14),
+                  (-12, -21), (18, 24), (18, -31), (-18, 24), (-18, -31)]
+
+
+def _place_labels(fig: Figure, ax, pts: list[dict]) -> None:
+    """Annotate each point with its name where it collides with no other label or marker."""
+    fig.draw_without_rendering()  # run the constrained layout first: label boxes are measured in display space
+    renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else FigureCanvasAgg(fig).get_renderer()
+    markers = {}
+    for p in pts:
+        cx, cy = ax.transData.transform((p["x"], p["y"]))
+        markers[p["name"]] = Bbox.from_extents(cx - 4, cy - 4, cx + 4, cy + 4)
+    labels: list[Bbox] = []
+    style = dict(textcoords="offset points", fontsize=8, zorder=5,
+                 bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
+    for p in sorted(pts, key=lambda q: -q["y"]):
+        others = labels + [b for name, b in markers.items() if name != p["name"]]
+        near_right = markers[p["name"]].x1 > ax.bbox.x0 + 0.8 * ax.bbox.width  # labels go left there, not off the plot
+        offsets = [(-dx, dy) for dx, dy in _LABEL_OFFSETS] if near_right else _LABEL_OFFSETS
+        for i, (dx, dy) in enumerate(offsets):
+            far = abs(dx) + abs(dy) > 17
+            text = ax.annotate(str(p["name"]), (p["x"], p["y"]), xytext=(dx, dy), ha="left" if dx >= 0 else "right",
+                               va="bottom" if dy >= 0 else "top", **style,
+                               arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6} if far else None)
+            text.set_in_layout(False)  # labels must not shrink the axes after they were placed
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in others):
+                break
+            if i + 1 < len(offsets):
+                text.remove()
+            # else: nowhere free; keep the last try (still next to its point)
+        labels.append(box)
+
+
 def pareto(points, *, xlabel: str = "GFLOPs", ylabel: str = "accuracy", frontier: bool = True,
            logx: bool = False, title: str | None = None) -> Figure:
     """Scatter of methods (cost x, quality y), each labelled, coloured by ``group`` when given; with
@@ -316,6 +359,10 @@ def pareto(points, *, xlabel: str = "GFLOPs", ylabel: str = "accuracy", frontier
         gp = [p for p in pts if p.get("group") == g]
         ax.scatter([p["x"] for p in gp], [p["y"] for p in gp], color=colors[g], s=36, zorder=3,
                    label=None if g is None else str(g))
+        if any(p.get("xerr", 0) or p.get("yerr", 0) for p in gp):  # e.g. ±1 standard error over seeds
+            ax.errorbar([p["x"] for p in gp], [p["y"] for p in gp], xerr=[p.get("xerr", 0.0) for p in gp],
+                        yerr=[p.get("yerr", 0.0) for p in gp], fmt="none", ecolor=colors[g], elinewidth=1.1,
+                        capsize=3, zorder=3)
     if frontier:
         names = pareto_frontier(pts)
         fp = sorted((p for p in pts if p["name"] in names), key=lambda p: p["x"])
@@ -323,12 +370,10 @@ def pareto(points, *, xlabel: str = "GFLOPs", ylabel: str = "accuracy", frontier
                 label="Pareto frontier")
         ax.scatter([p["x"] for p in fp], [p["y"] for p in fp], s=110, facecolors="none", edgecolors="0.2",
                    linewidths=1.2, zorder=4)
-    for p in pts:
-        ax.annotate(str(p["name"]), (p["x"], p["y"]), xytext=(6, 4), textcoords="offset points", fontsize=8,
-                    zorder=5, bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
     if logx:
         ax.set_xscale("log")
     ax.margins(x=0.12, y=0.1)  # room for the labels at the edges
+    _place_labels(fig, ax, pts)
     ax.set_xlabel(xlabel + " (lower is better)")
     ax.set_ylabel(ylabel + " (higher is better)")
     if title:
