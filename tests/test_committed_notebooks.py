@@ -41,7 +41,6 @@ PENDING_RERUN = {
 }
 # Prose under "Reading the results" / "What we verified" that still types numbers (issue 10).
 PENDING_PROSE = {
-    "notebooks/2_efficient/compare.ipynb",
     "notebooks/2_efficient/diffrate.ipynb",
     "notebooks/2_efficient/dimap.ipynb",
     "notebooks/2_efficient/evit.ipynb",
