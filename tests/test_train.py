@@ -57,6 +57,22 @@ def test_seconds_budget_fixes_a_step_count():
     assert h["step"][-1] >= 1 and h["seconds"][-1] < 10
 
 
+def test_seconds_budget_calls_a_stateful_step_once_per_step():
+    """The timing probe's steps are real steps (at lr 0), not extra calls a stateful step_fn would count."""
+    import torch.nn.functional as F
+
+    calls = []
+
+    def step_fn(net, x, y):
+        calls.append(len(x))
+        logits = net(x)
+        return F.cross_entropy(logits, y), logits
+
+    _, h = train_once(seconds=1.0, step_fn=step_fn)
+    assert len(calls) == h["step"][-1] >= 4
+    assert h["lr"][0] > 0  # the schedule runs after the probe's lr-0 steps
+
+
 def test_steps_budget_runs_exactly_that_many_steps():
     _, h = train_once(steps=11)  # 256 images, batch 32: 8 steps per pass, so a second, partial pass
     assert h["step"] == [8, 11] and h["lr"][-1] == pytest.approx(0.0, abs=1e-12)

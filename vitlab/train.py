@@ -257,33 +257,38 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
 
     start = time.perf_counter()
     step = 0  # optimizer steps taken (train_step's error message reads it)
-    if total_steps is None:
-        probe_state = {k: v.clone() for k, v in model.state_dict().items()}
-        probe_opt = opt.state_dict()
-        perm = torch.randperm(n, generator=gen)
-        t0 = time.perf_counter()
-        probe = min(3, steps_per_epoch)
-        for s in range(probe):
-            train_step(perm[s * batch_size:(s + 1) * batch_size])
-        step_time = (time.perf_counter() - t0) / probe
-        total_steps = max(1, int((seconds - (time.perf_counter() - start)) / step_time))
-        model.load_state_dict(probe_state)
-        opt.load_state_dict(probe_opt)
-        gen = seed_everything(seed)
-    warmup_steps = int(warmup * total_steps) if warmup < 1 else int(warmup * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, min(warmup_steps, total_steps), schedule))
+    # `seconds`: the first `probe` steps are real steps (each batch seen once, a stateful step_fn called once per
+    # batch) taken at lr 0 and timed; their time fixes how many steps fit, and the schedule starts after them.
+    probe = min(3, steps_per_epoch) if total_steps is None else 0
+    shape = {}
 
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    def plan(total: int) -> None:
+        warmup_steps = int(warmup * total) if warmup < 1 else int(warmup * steps_per_epoch)
+        shape["f"] = lr_lambda(total, min(warmup_steps, total), schedule)
+
+    if total_steps is not None:
+        plan(total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.0 if k < probe else shape["f"](k - probe))
+
     bar = tqdm(total=total_steps, desc=desc, disable=not progress or rank != 0, leave=False)
-    for epoch in range(n_epochs):
+    epoch = 0
+    while total_steps is None or step < total_steps:
         perm = torch.randperm(n, generator=gen)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = epoch_steps = 0
         for s in range(steps_per_epoch):
-            if step >= total_steps:
+            if total_steps is not None and step >= total_steps:
                 break
+            if probe and step == 0:
+                t0 = time.perf_counter()
             loss, corr, n_batch = train_step(perm[s * batch_size:(s + 1) * batch_size])
+            if probe and step + 1 == probe:  # the probe is done: fix the count, then plan the schedule
+                step_time = (time.perf_counter() - t0) / probe
+                remaining = max(1, int((seconds - (time.perf_counter() - start)) / step_time))
+                plan(remaining)
+                total_steps = probe + remaining
+                bar.total = total_steps
             sched.step()
             loss_sum += loss
             correct += corr
@@ -294,7 +299,8 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
         if world > 1:
             for t in (loss_sum, correct):
                 dist.all_reduce(t)
-        history["epoch"].append(epoch + 1)
+        epoch += 1
+        history["epoch"].append(epoch)
         history["step"].append(step)
         history["train_loss"].append(loss_sum.item() / world / max(1, epoch_steps))
         history["train_acc"].append(correct.item() / (seen * world))
