@@ -184,7 +184,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load with ``weights_only=True`` (no pickled code runs) and verify the weights' hash."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or pickled code that weights_only refuses to run
+        raise ValueError(f"{path}: not a readable vitlab checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no message'})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state_dict" not in payload:
         raise ValueError(f"{path}: not a vitlab checkpoint (format {FORMAT})")
     if state_hash(payload["state_dict"]) != payload.get("sha256"):

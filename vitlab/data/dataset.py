@@ -38,6 +38,7 @@ class ImageDataset(Dataset):
         if masks is not None and (masks.dtype != torch.bool or masks.shape != (n, h, w)):
             raise TypeError(f"ImageDataset: masks must be a bool tensor [{n},{h},{w}], got "
                             f"{masks.dtype} {tuple(masks.shape)}")
+        check_split(split, "ImageDataset")
         self.images, self.labels, self.masks = images, labels, masks
         self.name, self.split, self.classes = name, split, list(classes)
         self.num_classes = len(self.classes)
@@ -60,6 +61,9 @@ class ImageDataset(Dataset):
             raise TypeError(f"subset: indices must be 1-D integers or a bool mask, got {idx.dtype} "
                             f"{tuple(idx.shape)}")
         idx = idx.long()
+        if len(idx) and not (-len(self) <= int(idx.min()) and int(idx.max()) < len(self)):
+            raise ValueError(f"subset: indices must be in 0..{len(self) - 1} (this dataset has {len(self)} images), "
+                             f"got values from {int(idx.min())} to {int(idx.max())}")
         return ImageDataset(self.images[idx], self.labels[idx], name=name or self.name, split=self.split,
                             classes=self.classes, masks=None if self.masks is None else self.masks[idx])
 

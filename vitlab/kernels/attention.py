@@ -124,8 +124,10 @@ def _check_inputs(op, q, k, v, scale, bias, key_bias, gmm):
         raise ValueError(f"{op}: head dim D={D} not supported; expected one of {list(SUPPORTED_HEAD_DIMS)}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a finite float > 0 or None, got {scale!r}")
+    elif not (math.isfinite(scale) and scale > 0):  # a sign flip would turn attention to the least similar keys
+        raise ValueError(f"{op}: scale must be a finite float > 0 or None, got {scale!r}")
     scale = float(scale)
 
     if bias is not None:

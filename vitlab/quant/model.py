@@ -42,6 +42,9 @@ class _QuantLayer:
     """What QuantLinear and QuantConv2d share: a weight quantiser and an input quantiser."""
 
     def _add_quantizers(self, w_bits: int, a_bits: int, w_axis, a_axis) -> None:
+        for name, bits in (("w_bits", w_bits), ("a_bits", a_bits)):  # name the layer's argument, not the quantiser's
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise ValueError(f"{type(self).__name__}: {name} must be an int in [2, 8], got {bits!r}")
         self.w_quant = FakeQuantizer(w_bits, axis=w_axis)  # per output channel: rows differ in range
         self.a_quant = FakeQuantizer(a_bits, axis=a_axis)
 
