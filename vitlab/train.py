@@ -323,12 +323,12 @@ def _check_save_path(path: str | None, ap) -> None:
         return
     from pathlib import Path
 
-    from .zoo import _writable
+    from .checkpoint import writable
 
     target = Path(path)
     if target.is_dir():
         ap.error(f"--save {path}: is a directory; give a file path such as {target / 'model.pt'}")
-    if not _writable(target.parent):
+    if not writable(target.parent):
         ap.error(f"--save {path}: cannot write to {target.parent}")
 
 
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
     _check_save_path(args.save, ap)
 
     from . import data as vdata
-    from . import zoo
+    from . import checkpoint
     from .models import create_model, model_config
 
     try:
@@ -361,11 +361,12 @@ def main(argv=None) -> int:
         test = evaluate(model, vdata.load(args.data, "test", P))
         print(f"final: train_loss={hist['train_loss'][-1]:.4f} val_acc={hist['val_acc'][-1]:.4f} "
               f"test_acc={test['acc']:.4f} ({hist['seconds'][-1]:.1f} s)")
-        if args.save:  # the zoo's format: zoo.load_checkpoint verifies it, VisionTransformer(**model_config) loads it
+        if args.save:  # the zoo's file format: load_checkpoint verifies it, VisionTransformer(**model_config) loads it
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            zoo.save_checkpoint(args.save, {
-                "format": zoo.FORMAT, "name": name, "config": {"cli": vars(args), "profile": P.name},
-                "model_config": model_config(name, data=train), "state_dict": state, "sha256": zoo.state_hash(state),
+            checkpoint.save_checkpoint(args.save, {
+                "format": checkpoint.FORMAT, "name": name, "config": {"cli": vars(args), "profile": P.name},
+                "model_config": model_config(name, data=train), "state_dict": state,
+                "sha256": checkpoint.state_hash(state),
                 "metrics": {"val_acc": hist["val_acc"][-1], "test_acc": test["acc"]}, "history": hist})
             print(f"saved {args.save}")
         if args.history:

@@ -16,23 +16,21 @@ how close it came), and train vs test says whether it is underfit.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from filelock import FileLock, Timeout
 
+from .checkpoint import FORMAT, load_checkpoint, save_checkpoint, state_hash
+from .checkpoint import writable as _writable
 from .profiles import Profile, profile as get_profile
 
 __all__ = ["Recipe", "ZOO", "register", "get", "path_for", "save_checkpoint", "load_checkpoint",
            "state_hash", "checkpoint_dir", "plateau_gain"]
 
-FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -153,49 +151,6 @@ def _recipe(name: str) -> Recipe:
     return ZOO[name]
 
 
-# --------------------------------------------------------------------------------------- file format
-def state_hash(state_dict: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, shapes, dtypes and bytes of every tensor (order-independent)."""
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key].detach().cpu().contiguous()
-        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` atomically: a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load with ``weights_only=True`` (no pickled code runs) and verify the weights' hash."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or pickled code that weights_only refuses to run
-        raise ValueError(f"{path}: not a readable vitlab checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'no message'})") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state_dict" not in payload:
-        raise ValueError(f"{path}: not a vitlab checkpoint (format {FORMAT})")
-    if state_hash(payload["state_dict"]) != payload.get("sha256"):
-        raise ValueError(f"{path}: weights do not match their stored SHA-256 (corrupt file)")
-    return payload
-
-
 # ---------------------------------------------------------------------------------------------- get
 def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
     from . import data as vdata
@@ -270,16 +225,6 @@ def _valid(path: Path, cfg: dict, recipe: Recipe, warn: bool = True):
     except Exception as e:  # consistent hash, but the weights do not fit the model
         return reject(f"has weights that do not fit the model ({str(e).splitlines()[0]})")
     return payload, model
-
-
-def _writable(folder: Path) -> bool:
-    """Whether a checkpoint can be written here (tried, not guessed: permissions lie to root)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 def _locked(path: Path, name: str):
