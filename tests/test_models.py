@@ -104,3 +104,21 @@ def test_window_attention_matches_timm_swin():
 def test_patch_embed_counts_tokens():
     pe = PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16)
     assert pe(torch.rand(2, 3, 32, 32)).shape == (2, 16, 16)
+
+
+def test_attention_is_its_three_shared_steps():
+    """qkv_heads -> logits -> softmax -> merge_heads is exactly forward (the steps method variants reuse)."""
+    import torch
+
+    from vitlab.models import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, num_heads=4).eval()
+    x = torch.randn(2, 5, 16)
+    q, k, v = attn.qkv_heads(x)
+    assert q.shape == k.shape == v.shape == (2, 4, 5, 4)
+    logits = attn.logits(q, k)
+    hand = (q[0, 1, 2] * 4 ** -0.5) @ k[0, 1, 3]  # one score by hand: q·k / sqrt(Dh)
+    assert torch.allclose(logits[0, 1, 2, 3], hand, atol=1e-6)
+    out = attn.merge_heads(logits.softmax(-1) @ v)
+    assert torch.allclose(out, attn(x), atol=1e-6)

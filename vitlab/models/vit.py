@@ -108,11 +108,27 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    # The three steps every attention variant of the course shares (token pruning scores, quantised softmax,
+    # sparse masks): project to heads, score, and merge the heads back.
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v per head, each [B, H, N, Dh] (q and k through ``q_norm`` / ``k_norm``)."""
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled scores (q · scale) kᵀ (+ ``attn_bias``), [B, H, Nq, Nk]: the softmax's input."""
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        return logits if attn_bias is None else logits + attn_bias
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, H, N, Dh] per-head outputs -> [B, N, C] through ``norm``, ``proj`` and ``proj_drop``."""
+        B, H, N, Dh = out.shape
+        return self.proj_drop(self.proj(self.norm(out.transpose(1, 2).reshape(B, N, H * Dh))))
+
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, side: Sequence[str] = ()):
         side = _check_side(side) if side else ()
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)  # each [B, H, N, Dh]
+        q, k, v = self.qkv_heads(x)  # each [B, H, N, Dh]
 
         if "probs" not in side and _kernels_on(self, x) and not (self.training and self.attn_drop.p):
             from vitlab.kernels.attention import attention
@@ -122,10 +138,7 @@ class Attention(nn.Module):
             out, sides = res if side else (res, {})
         elif side and set(side) != {"cls"}:
             # the slow path only when asked: materialise the N×N probabilities
-            logits = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_bias is not None:
-                logits = logits + attn_bias
-            probs = logits.float().softmax(dim=-1).to(q.dtype)
+            probs = self.logits(q, k, attn_bias).float().softmax(dim=-1).to(q.dtype)
             out = self.attn_drop(probs) @ v
             sides = {"probs": probs, "cls": probs[:, :, 0], "colsum": probs.sum(dim=-2),
                      "diag": probs.diagonal(dim1=-2, dim2=-1)}
@@ -135,12 +148,10 @@ class Attention(nn.Module):
                                                  dropout_p=self.attn_drop.p if self.training else 0.0)
             sides = {}
             if side:  # only the CLS row: one query against all keys, O(N) not O(N²)
-                cls_logits = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)
-                if attn_bias is not None:
-                    cls_logits = cls_logits + attn_bias[..., :1, :]
+                cls_logits = self.logits(q[:, :, :1], k, None if attn_bias is None else attn_bias[..., :1, :])
                 sides["cls"] = cls_logits.float().softmax(dim=-1).to(q.dtype)[:, :, 0]
 
-        x = self.proj_drop(self.proj(self.norm(out.transpose(1, 2).reshape(B, N, C))))
+        x = self.merge_heads(out)
         return (x, sides) if side else x
 
 

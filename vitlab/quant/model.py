@@ -136,15 +136,9 @@ class QuantAttention(Attention):
         if sq is None or not (sq.enabled or sq.observing):
             return super().forward(x, attn_bias=attn_bias, side=side)
         side = _check_side(side) if side else ()
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        logits = (q * self.scale) @ k.transpose(-2, -1)
-        if attn_bias is not None:
-            logits = logits + attn_bias
-        probs = sq(logits.float().softmax(dim=-1)).to(q.dtype)  # quantise in fp32: log grids need the range
-        out = self.attn_drop(probs) @ v
-        x = self.proj_drop(self.proj(self.norm(out.transpose(1, 2).reshape(B, N, C))))
+        q, k, v = self.qkv_heads(x)
+        probs = sq(self.logits(q, k, attn_bias).float().softmax(dim=-1)).to(q.dtype)  # fp32: log grids need the range
+        x = self.merge_heads(self.attn_drop(probs) @ v)
         if not side:
             return x
         sides = {"probs": probs, "cls": probs[:, :, 0], "colsum": probs.sum(dim=-2),
