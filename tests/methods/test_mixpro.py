@@ -319,3 +319,26 @@ def test_bad_input():
         mixpro_step(5, cell_size=6)(_vit(img_size=12, patch_size=4), torch.rand(4, 1, 12, 12), torch.arange(4))
     with pytest.raises(TypeError, match="forward_with_attention"):
         cls_patch_attention(torch.nn.Linear(3, 3), torch.rand(2, 3))
+
+
+def test_pal_attention_goes_through_the_wrapper_ddp_syncs():
+    """DDP syncs the gradients of what its own forward ran: the attention forward must go through the wrapper."""
+    import torch
+    import torch.nn as nn
+
+    from vitlab.methods.training.mixpro import cls_patch_attention
+    from vitlab.models import create_model
+
+    class Wrapper(nn.Module):  # DDP's shape: .module, forward passes through
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *a, **kw):
+            self.calls += 1
+            return self.module(*a, **kw)
+
+    vit = create_model("vit_nano", depth=1)
+    net = Wrapper(vit)
+    logits, a = cls_patch_attention(net, torch.rand(2, 1, 28, 28))
+    assert net.calls == 1 and logits.shape == (2, 10) and a.shape == (2, vit.patch_embed.num_patches)

@@ -318,7 +318,12 @@ class VisionTransformer(nn.Module):
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, side: Sequence[str] = ()):
+        """Logits; with ``side`` (e.g. ``("cls",)``) also, per block, a dict of those attention side outputs.
+        Through ``forward`` (not a side door) so that a DDP or torch.compile wrapper sees the call: DDP syncs the
+        gradients of what its own forward ran."""
+        if side:
+            return self.forward_with_attention(x, side)
         return self.forward_head(self.forward_features(x))
 
     def forward_with_attention(self, x: torch.Tensor, side: Sequence[str] = ("cls",)):

@@ -173,14 +173,15 @@ def maskmix(x: Tensor, y: Tensor, *, patch_size: int, cell_size: int, alpha: flo
 def cls_patch_attention(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """(logits, a): a [B, N] = the last block's CLS→patch attention averaged over heads, detached.
 
-    Uses ``model.forward_with_attention(x, side=("cls",))`` (the CLS row without an N×N matrix); the CLS and
-    register columns are dropped, the rest is not renormalised (λ_attn divides by Σa).
+    Calls ``model(x, side=("cls",))`` (the CLS row without an N×N matrix) through ``model`` itself, so that a DDP
+    wrapper syncs the gradients of this forward; the CLS and register columns are dropped, the rest is not
+    renormalised (λ_attn divides by Σa).
     """
     core = _core(model)
     if not hasattr(core, "forward_with_attention"):
         raise TypeError(f"cls_patch_attention: model must be a vitlab VisionTransformer (forward_with_attention), "
                         f"got {type(core).__name__}")
-    logits, sides = core.forward_with_attention(x, side=("cls",))
+    logits, sides = model(x, side=("cls",))
     cls = sides[-1]["cls"]  # [B, heads, prefix + N]
     return logits, cls.detach().float().mean(dim=1)[:, core.num_prefix_tokens:]
 
