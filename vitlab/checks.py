@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch.nn as nn
 
 __all__ = ["check_int", "check_number", "check_model", "check_cls_vit"]
 
 
-def check_int(value, name: str, fn: str, *, low: int = 1) -> int:
-    """``value`` as an int >= ``low`` (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(value, name: str, fn: str, *, low: int = 1, high: int | None = None) -> int:
+    """``value`` as an int in [``low``, ``high``] (bools refused; numpy/torch integers accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{fn}: {name} must be an int >= {low}, got {value!r}")
-    return value
+    if value < low or (high is not None and value > high):
+        want = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{fn}: {name} must be an int {want}, got {value!r}")
+    return int(value)
 
 
 def check_number(value, name: str, fn: str, *, low: float | None = None, high: float | None = None,

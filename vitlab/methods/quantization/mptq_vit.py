@@ -85,8 +85,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitlab.checks import check_int, check_number, check_model as _check_model
 from vitlab.kernels import fake_quant as _fq
-from vitlab.checks import check_model as _check_model
 
 __all__ = ["ln_linear_pairs", "linear_inputs", "smoothing_factors", "fold_smoothing", "smoothquant_bias",
            "two_region_fake_quant", "TwoRegionQuantizer", "search_ratio", "quant_error",
@@ -97,20 +97,6 @@ SHIFTS = ("midrange", "mean")
 
 
 # ------------------------------------------------------------------------------------ argument checks
-def _check_int(value, name: str, fn: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or \
-            (high is not None and value > high):
-        rng = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{fn}: {name} must be an int {rng}, got {value!r}")
-    return int(value)
-
-
-def _check_real(value, name: str, fn: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
-        raise ValueError(f"{fn}: {name} must be a number in [{low}, {high}], got {value!r}")
-    return float(value)
-
-
 def _check_images(images, fn: str) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{fn}: images must be a tensor [B, C, H, W], got {type(images).__name__}")
@@ -140,7 +126,7 @@ def linear_inputs(model: nn.Module, images: torch.Tensor, names, *, batch_size: 
     fn = "linear_inputs"
     _check_model(model, fn)
     _check_images(images, fn)
-    batch_size = _check_int(batch_size, "batch_size", fn, 1)
+    batch_size = check_int(batch_size, "batch_size", fn, low=1)
     names = [names] if isinstance(names, str) else list(names)
     mods = dict(model.named_modules())
     missing = [n for n in names if n not in mods]
@@ -176,7 +162,7 @@ def smoothing_factors(x: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5,
                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"{fn}: x has {x.shape[1]} channels, weight expects {weight.shape[1]} inputs")
-    alpha = _check_real(alpha, "alpha", fn, 0.0, 1.0)
+    alpha = check_number(alpha, "alpha", fn, low=0.0, high=1.0)
     if shift not in SHIFTS:
         raise ValueError(f"{fn}: shift must be one of {SHIFTS}, got {shift!r}")
     x = x.detach().double()
@@ -226,7 +212,7 @@ def smoothquant_bias(model: nn.Module, images: torch.Tensor, *, alpha: float = 0
     fn = "smoothquant_bias"
     _check_model(model, fn)
     _check_images(images, fn)
-    alpha = _check_real(alpha, "alpha", fn, 0.0, 1.0)
+    alpha = check_number(alpha, "alpha", fn, low=0.0, high=1.0)
     if not isinstance(bias, bool):
         raise TypeError(f"{fn}: bias must be a bool, got {bias!r}")
     if shift not in SHIFTS:
@@ -249,8 +235,8 @@ def two_region_fake_quant(x: torch.Tensor, scale, m: int, bits: int) -> torch.Te
     (codes −2^(b−1) .. 0, as PTQ4ViT's post-GELU quantiser clamps), 0 shared: 2^b values in all. Two calls of
     ``vitlab.kernels.fake_quant`` (Triton on CUDA, straight-through backward)."""
     fn = "two_region_fake_quant"
-    bits = _check_int(bits, "bits", fn, 3, 8)
-    m = _check_int(m, "m", fn, 0, 24)
+    bits = check_int(bits, "bits", fn, low=3, high=8)
+    m = check_int(m, "m", fn, low=0, high=24)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{fn}: x must be a float tensor, got {type(x).__name__}")
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(())
@@ -274,7 +260,7 @@ class TwoRegionQuantizer(nn.Module):
 
     def __init__(self, bits: int = 4):
         super().__init__()
-        self.bits = _check_int(bits, "bits", "TwoRegionQuantizer", 3, 8)
+        self.bits = check_int(bits, "bits", "TwoRegionQuantizer", low=3, high=8)
         self.enabled = True
         self.observing = False
         self.register_buffer("scale", torch.empty(0))
@@ -330,16 +316,16 @@ def search_ratio(x: torch.Tensor, bits: int, *, weight: torch.Tensor | None = No
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
         raise TypeError(f"{fn}: x must be a non-empty float tensor, got "
                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    bits = _check_int(bits, "bits", fn, 3, 8)
+    bits = check_int(bits, "bits", fn, low=3, high=8)
     ms = [ms] if isinstance(ms, numbers.Integral) else list(ms)
     if not ms:
         raise ValueError(f"{fn}: ms must hold at least one ratio exponent")
     for m in ms:
-        _check_int(m, "each of ms", fn, 0, 24)
+        check_int(m, "each of ms", fn, low=0, high=24)
     grid = torch.linspace(1.0, 0.2, 41) if grid is None else torch.as_tensor(grid, dtype=torch.float32).flatten()
     if grid.numel() == 0 or not bool(((grid > 0) & (grid <= 1)).all()):
         raise ValueError(f"{fn}: grid must be fractions in (0, 1], got {grid.tolist()}")
-    max_values = _check_int(max_values, "max_values", fn, 1)
+    max_values = check_int(max_values, "max_values", fn, low=1)
     x = x.detach().float().reshape(-1, x.shape[-1])
     g = _channel_weights(weight, x.shape[1], fn)
     rows = max(1, max_values // x.shape[1])
@@ -402,7 +388,7 @@ def weight_size_bits(sizes: Mapping[str, int], bits: Mapping[str, int]) -> int:
 
 def budget_for_average(sizes: Mapping[str, int], avg_bits: float) -> int:
     """The weight-bit budget of an average of ``avg_bits`` bits per weight, rounded down to an int."""
-    avg_bits = _check_real(avg_bits, "avg_bits", "budget_for_average", 1.0, 32.0)
+    avg_bits = check_number(avg_bits, "avg_bits", "budget_for_average", low=1.0, high=32.0)
     return int(math.floor(avg_bits * sum(sizes.values()) + 1e-9))
 
 
@@ -441,10 +427,10 @@ def greedy_mp(sizes: Mapping[str, int], cost, budget_bits: int, *, max_bits: int
     if not isinstance(sizes, Mapping) or not sizes:
         raise TypeError(f"{fn}: sizes must be a non-empty mapping layer -> number of weights, got {sizes!r}")
     for k, n in sizes.items():
-        _check_int(n, f"sizes[{k!r}]", fn, 1)
-    max_bits = _check_int(max_bits, "max_bits", fn, 2, 8)
-    min_bits = _check_int(min_bits, "min_bits", fn, 2, max_bits)
-    budget_bits = _check_int(budget_bits, "budget_bits", fn, 0)
+        check_int(n, f"sizes[{k!r}]", fn, low=1)
+    max_bits = check_int(max_bits, "max_bits", fn, low=2, high=8)
+    min_bits = check_int(min_bits, "min_bits", fn, low=2, high=max_bits)
+    budget_bits = check_int(budget_bits, "budget_bits", fn, low=0)
     floor = min_bits * sum(sizes.values())
     if budget_bits < floor:
         raise ValueError(f"{fn}: budget_bits={budget_bits} is below the size at min_bits={min_bits} "
@@ -578,7 +564,7 @@ def sensitivity_table(model: nn.Module, images: torch.Tensor, bits=range(3, 9), 
     fn = "sensitivity_table"
     _check_model(model, fn)
     _check_images(images, fn)
-    bits = sorted({_check_int(b, "each of bits", fn, 3 if opt_m else 2, 8) for b in bits})
+    bits = sorted({check_int(b, "each of bits", fn, low=3 if opt_m else 2, high=8) for b in bits})
     if not bits:
         raise ValueError(f"{fn}: bits must hold at least one bit-width")
     q = mptq_quantize(model, images, bits[-1], bits[-1], smooth=smooth, alpha=alpha, opt_m=opt_m, method=method,

@@ -46,8 +46,6 @@ Our reading (where the paper and the code leave things open or are too big for a
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Callable
 
 import torch
@@ -55,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from vitlab.checks import check_int, check_number
 from vitlab.augment import cell_mask, mix_targets, paste, soft_cross_entropy, soft_targets
 from vitlab.models import SmallCNN, VisionTransformer
 
@@ -74,23 +73,6 @@ RECIPE = dict(alpha=0.5, beta=0.9999, drw_at=0.5, smoothing=0.1, drw_smoothing=0
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_number(value, name: str, fn: str, *, low: float, high: float, low_open=False, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__} ({value!r})")
-    ok = math.isfinite(value) and (low < value if low_open else low <= value) and \
-        (value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"{fn}: {name} must lie in {lo}{low}, {high}{hi}, got {value!r}")
-    return float(value)
-
-
-def _check_int(value, name: str, fn: str, *, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < low:
-        raise ValueError(f"{fn}: {name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _check_counts(counts, fn: str) -> torch.Tensor:
@@ -186,7 +168,7 @@ def class_balanced_weights(counts, beta: float = 0.9999) -> torch.Tensor:
     β → 0 gives equal weights; β → 1 gives weights ∝ 1/n_c (inverse frequency).
     """
     counts = _check_counts(counts, "class_balanced_weights")
-    beta = _check_number(beta, "beta", "class_balanced_weights", low=0.0, high=1.0, high_open=True)
+    beta = check_number(beta, "beta", "class_balanced_weights", low=0.0, high=1.0, high_open=True)
     n = counts.double()
     w = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), n))  # float64: β^n near 1
     return (w / w.sum() * len(n)).float()
@@ -194,9 +176,9 @@ def class_balanced_weights(counts, beta: float = 0.9999) -> torch.Tensor:
 
 def drw_weights(step: int, drw_step: int | None, class_weights: torch.Tensor) -> torch.Tensor | None:
     """Deferred re-weighting: None (plain CE) before step ``drw_step``, ``class_weights`` from it on."""
-    _check_int(step, "step", "drw_weights")
+    check_int(step, "step", "drw_weights", low=0)
     if drw_step is not None:
-        _check_int(drw_step, "drw_step", "drw_weights")
+        check_int(drw_step, "drw_step", "drw_weights", low=0)
     if not torch.is_tensor(class_weights) or class_weights.ndim != 1:
         raise TypeError(f"drw_weights: class_weights must be a 1-D tensor, got {class_weights!r}")
     return class_weights if drw_step is not None and step >= drw_step else None
@@ -223,7 +205,7 @@ def deit_lt_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, targets: t
                                             or targets.shape == (B, C) and targets.is_floating_point()):
         raise ValueError(f"{fn}: targets must be labels [B={B}] (long) or soft labels [B={B}, C={C}], got "
                          f"{getattr(targets, 'dtype', '')} {tuple(getattr(targets, 'shape', ()))}")
-    alpha = _check_number(alpha, "alpha", fn, low=0.0, high=1.0)
+    alpha = check_number(alpha, "alpha", fn, low=0.0, high=1.0)
     if class_weights is not None and (not torch.is_tensor(class_weights) or class_weights.shape != (C,)):
         raise ValueError(f"{fn}: class_weights must be None or a tensor [C={C}], got "
                          f"{tuple(getattr(class_weights, 'shape', ())) or type(class_weights).__name__}")
@@ -253,13 +235,12 @@ def strong_mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid: tuple[i
         raise ValueError(f"{fn}: x must be images [B, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
     if not torch.is_tensor(y) or y.dtype != torch.long or y.shape != (x.shape[0],):
         raise ValueError(f"{fn}: y must be long labels [B={x.shape[0]}], got {getattr(y, 'shape', y)!r}")
-    _check_int(num_classes, "num_classes", fn, low=2)
+    check_int(num_classes, "num_classes", fn, low=2)
     if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid)):
         raise ValueError(f"{fn}: grid must be (gh, gw) positive ints, got {grid!r}")
-    mixup_alpha = _check_number(mixup_alpha, "mixup_alpha", fn, low=0.0, high=math.inf, low_open=True, high_open=True)
-    cutmix_alpha = _check_number(cutmix_alpha, "cutmix_alpha", fn, low=0.0, high=math.inf, low_open=True,
-                                 high_open=True)
-    switch_prob = _check_number(switch_prob, "switch_prob", fn, low=0.0, high=1.0)
+    mixup_alpha = check_number(mixup_alpha, "mixup_alpha", fn, low=0.0, low_open=True, high_open=True)
+    cutmix_alpha = check_number(cutmix_alpha, "cutmix_alpha", fn, low=0.0, low_open=True, high_open=True)
+    switch_prob = check_number(switch_prob, "switch_prob", fn, low=0.0, high=1.0)
     B = x.shape[0]
     perm = torch.randperm(B, generator=generator).to(x.device)
     u = torch.rand((), generator=generator).item()
@@ -326,7 +307,7 @@ class SAM(torch.optim.Optimizer):
     def __init__(self, base: torch.optim.Optimizer, rho: float = 0.05):
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"SAM: base must be a torch.optim.Optimizer, got {type(base).__name__}")
-        rho = _check_number(rho, "rho", "SAM", low=0.0, high=math.inf, low_open=True, high_open=True)
+        rho = check_number(rho, "rho", "SAM", low=0.0, low_open=True, high_open=True)
         self.base = base
         super().__init__(base.param_groups, dict(rho=rho))  # the same group dicts: one lr for both
         self.rho = rho
@@ -384,7 +365,7 @@ def sam_training(loss_fn: Callable, *, rho: float = 0.05, base="sgd"):
     if not callable(loss_fn):
         raise TypeError(f"sam_training: loss_fn must be callable (logits, labels) -> loss, "
                         f"got {type(loss_fn).__name__}")
-    rho = _check_number(rho, "rho", "sam_training", low=0.0, high=math.inf, low_open=True, high_open=True)
+    rho = check_number(rho, "rho", "sam_training", low=0.0, low_open=True, high_open=True)
     holder: dict = {}
 
     def make_optimizer(model, lr, weight_decay):
@@ -447,10 +428,10 @@ class DeiTLTStep:
         fn = "DeiTLTStep"
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"{fn}: teacher must be an nn.Module, got {type(teacher).__name__}")
-        self.num_classes = _check_int(num_classes, "num_classes", fn, low=2)
-        self.alpha = _check_number(alpha, "alpha", fn, low=0.0, high=1.0)
+        self.num_classes = check_int(num_classes, "num_classes", fn, low=2)
+        self.alpha = check_number(alpha, "alpha", fn, low=0.0, high=1.0)
         if drw_step is not None:
-            _check_int(drw_step, "drw_step", fn)
+            check_int(drw_step, "drw_step", fn, low=0)
             if class_weights is None:
                 raise ValueError(f"{fn}: drw_step={drw_step} needs class_weights (see class_balanced_weights)")
         if class_weights is not None and (not torch.is_tensor(class_weights) or class_weights.shape != (num_classes,)):
@@ -462,11 +443,11 @@ class DeiTLTStep:
         self.teacher = teacher.eval().requires_grad_(False)
         self.class_weights, self.drw_step = class_weights, drw_step
         self.mix, self.mix_after_drw, self.grid = mix, mix_after_drw, grid
-        self.mix_prob = _check_number(mix_prob, "mix_prob", fn, low=0.0, high=1.0)
+        self.mix_prob = check_number(mix_prob, "mix_prob", fn, low=0.0, high=1.0)
         self.mix_kw = dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, switch_prob=switch_prob,
-                           smoothing=_check_number(smoothing, "smoothing", fn, low=0.0, high=1.0, high_open=True))
-        self.drw_smoothing = _check_number(drw_smoothing, "drw_smoothing", fn, low=0.0, high=1.0, high_open=True)
-        self.generator = torch.Generator().manual_seed(_check_int(seed, "seed", fn))
+                           smoothing=check_number(smoothing, "smoothing", fn, low=0.0, high=1.0, high_open=True))
+        self.drw_smoothing = check_number(drw_smoothing, "drw_smoothing", fn, low=0.0, high=1.0, high_open=True)
+        self.generator = torch.Generator().manual_seed(check_int(seed, "seed", fn, low=0))
         self.step = 0
         self.log: list[dict] = []
 
@@ -524,8 +505,8 @@ def split_classes(counts, *, many: int | None = None, few: int | None = None) ->
     if (many is None) != (few is None):
         raise ValueError(f"split_classes: give both many and few or neither, got many={many!r}, few={few!r}")
     if many is not None:
-        _check_int(many, "many", "split_classes")
-        _check_int(few, "few", "split_classes")
+        check_int(many, "many", "split_classes", low=0)
+        check_int(few, "few", "split_classes", low=0)
         if few > many:
             raise ValueError(f"split_classes: few={few} must be <= many={many}")
         head = (counts > many).nonzero().flatten()

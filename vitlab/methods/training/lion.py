@@ -16,11 +16,12 @@ per parameter, AdamW two.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from vitlab.checks import check_number
 
 __all__ = ["Lion", "lion_step", "lion_for", "state_numel", "DEFAULTS"]
 
@@ -30,13 +31,6 @@ __all__ = ["Lion", "lion_step", "lion_for", "state_numel", "DEFAULTS"]
 DEFAULTS = dict(model_kw=dict(patch_size=7), epochs=9, batch_size=48, adamw_lr=2e-3, adamw_wd=0.05,
                 lion_lr_factor=1 / 3)
 
-
-def _check_number(value, name: str, fn: str, *, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__} ({value!r})")
-    if not math.isfinite(value) or value < low:
-        raise ValueError(f"{fn}: {name} must be a finite number >= {low}, got {value!r}")
-    return float(value)
 
 
 def _check_betas(betas, fn: str) -> tuple[float, float]:
@@ -64,8 +58,8 @@ class Lion(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0):
-        lr = _check_number(lr, "lr", "Lion")
-        weight_decay = _check_number(weight_decay, "weight_decay", "Lion")
+        lr = check_number(lr, "lr", "Lion", low=0)
+        weight_decay = check_number(weight_decay, "weight_decay", "Lion", low=0)
         betas = _check_betas(betas, "Lion")
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
@@ -102,8 +96,8 @@ def lion_for(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0, *,
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"lion_for: model must be an nn.Module, got {type(model).__name__}")
-    lr = _check_number(lr, "lr", "lion_for")
-    weight_decay = _check_number(weight_decay, "weight_decay", "lion_for")
+    lr = check_number(lr, "lr", "lion_for", low=0)
+    weight_decay = check_number(weight_decay, "weight_decay", "lion_for", low=0)
     skip = getattr(model, "no_weight_decay", lambda: set())()
     groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
     return Lion(groups, lr=lr, betas=betas, weight_decay=weight_decay)

@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from vitlab.checks import check_int, check_number
 from vitlab.augment import cell_mask, cells_to_pixels, mix_targets, soft_cross_entropy
 
 __all__ = ["MaskMixBatch", "maskmix", "cls_patch_attention", "attention_lambda", "progressive_factor",
@@ -69,20 +70,6 @@ DEFAULTS = dict(patch=7, cell=7, epochs=9, batch_size=48, lr=2e-3, smoothing=0.1
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_pos_int(value, name: str, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_unit(value, name: str, fn: str, *, open_right: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__} ({value!r})")
-    if not (math.isfinite(value) and 0.0 <= value and (value < 1.0 if open_right else value <= 1.0)):
-        raise ValueError(f"{fn}: {name} must be a number in [0, 1{')' if open_right else ']'}, got {value!r}")
-    return float(value)
 
 
 def _check_alpha(alpha, fn: str) -> float:
@@ -138,8 +125,8 @@ def maskmix(x: Tensor, y: Tensor, *, patch_size: int, cell_size: int, alpha: flo
     if B < 2:
         raise ValueError(f"{fn}: x must hold at least 2 images to mix, got a batch of {B}")
     _check_labels(y, B, "y", fn)
-    _check_pos_int(patch_size, "patch_size", fn)
-    _check_pos_int(cell_size, "cell_size", fn)
+    check_int(patch_size, "patch_size", fn)
+    check_int(cell_size, "cell_size", fn)
     if cell_size % patch_size:
         raise ValueError(f"{fn}: cell_size={cell_size} must be a multiple of patch_size={patch_size}, so that "
                          f"every ViT patch comes from one image")
@@ -147,7 +134,7 @@ def maskmix(x: Tensor, y: Tensor, *, patch_size: int, cell_size: int, alpha: flo
         raise ValueError(f"{fn}: cell_size={cell_size} must divide the image size {H}x{W}")
     alpha = _check_alpha(alpha, fn)
     if ratio is not None:
-        ratio = _check_unit(ratio, "ratio", fn)
+        ratio = check_number(ratio, "ratio", fn, low=0, high=1)
     if perm is None:
         perm = torch.randperm(B, generator=generator)
     elif not torch.is_tensor(perm) or perm.dtype != torch.long or perm.shape != (B,) \
@@ -234,7 +221,7 @@ def pal_loss(logits: Tensor, y_a: Tensor, y_b: Tensor, lam: Tensor, smoothing: f
     _check_labels(y_b, B, "y_b", "pal_loss")
     if not torch.is_tensor(lam) or lam.shape != (B,):
         raise ValueError(f"pal_loss: lam must be a tensor [B={B}], got {tuple(getattr(lam, 'shape', ()))}")
-    smoothing = _check_unit(smoothing, "smoothing", "pal_loss", open_right=True)
+    smoothing = check_number(smoothing, "smoothing", "pal_loss", low=0, high=1, high_open=True)
     z = logits.float()
     ce_a = F.cross_entropy(z, y_a, reduction="none", label_smoothing=smoothing)
     ce_b = F.cross_entropy(z, y_b, reduction="none", label_smoothing=smoothing)
@@ -256,20 +243,20 @@ class MixStep:
                  alpha: float = 1.0, smoothing: float = 0.1, loss_smoothing: float = 0.0, maskmix_prob: float = 1.0,
                  mixup=None, detach_s: bool = False, generator: torch.Generator | None = None):
         fn = "MixStep"
-        _check_pos_int(num_classes, "num_classes", fn)
+        check_int(num_classes, "num_classes", fn)
         if num_classes < 2:
             raise ValueError(f"{fn}: num_classes must be >= 2, got {num_classes!r}")
         if label not in LABELS:
             raise ValueError(f"{fn}: label must be one of {LABELS}, got {label!r}")
-        _check_pos_int(cell_size, "cell_size", fn)
+        check_int(cell_size, "cell_size", fn)
         if patch_size is not None:
-            _check_pos_int(patch_size, "patch_size", fn)
+            check_int(patch_size, "patch_size", fn)
             if cell_size % patch_size:
                 raise ValueError(f"{fn}: cell_size={cell_size} must be a multiple of patch_size={patch_size}")
         self.alpha = _check_alpha(alpha, fn)
-        self.smoothing = _check_unit(smoothing, "smoothing", fn, open_right=True)
-        self.loss_smoothing = _check_unit(loss_smoothing, "loss_smoothing", fn, open_right=True)
-        self.maskmix_prob = _check_unit(maskmix_prob, "maskmix_prob", fn)
+        self.smoothing = check_number(smoothing, "smoothing", fn, low=0, high=1, high_open=True)
+        self.loss_smoothing = check_number(loss_smoothing, "loss_smoothing", fn, low=0, high=1, high_open=True)
+        self.maskmix_prob = check_number(maskmix_prob, "maskmix_prob", fn, low=0, high=1)
         if self.maskmix_prob < 1.0 and not callable(mixup):
             raise ValueError(f"{fn}: maskmix_prob={maskmix_prob} < 1 needs mixup= (e.g. timm.data.Mixup) for the "
                              f"other batches")
@@ -317,7 +304,7 @@ class MixStep:
 
 def baseline_step(smoothing: float = 0.1):
     """step_fn without mixing: label-smoothed cross-entropy (what ``fit`` does without a step_fn)."""
-    smoothing = _check_unit(smoothing, "smoothing", "baseline_step", open_right=True)
+    smoothing = check_number(smoothing, "smoothing", "baseline_step", low=0, high=1, high_open=True)
 
     def step(net, x, y):
         logits = net(x)
@@ -334,15 +321,15 @@ def timm_mix_step(num_classes: int, *, mixup_alpha: float = 0.8, cutmix_alpha: f
     """
     from timm.data import Mixup
 
-    _check_pos_int(num_classes, "num_classes", "timm_mix_step")
+    check_int(num_classes, "num_classes", "timm_mix_step")
     for name, a in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not (math.isfinite(a) and a >= 0):
             raise ValueError(f"timm_mix_step: {name} must be a number >= 0, got {a!r}")
     if mixup_alpha == 0 and cutmix_alpha == 0:
         raise ValueError("timm_mix_step: mixup_alpha and cutmix_alpha are both 0; use baseline_step for no mixing")
-    mixer = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=_check_unit(prob, "prob", "timm_mix_step"),
-                  switch_prob=_check_unit(switch_prob, "switch_prob", "timm_mix_step"),
-                  label_smoothing=_check_unit(smoothing, "smoothing", "timm_mix_step", open_right=True),
+    mixer = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=check_number(prob, "prob", "timm_mix_step", low=0, high=1),
+                  switch_prob=check_number(switch_prob, "switch_prob", "timm_mix_step", low=0, high=1),
+                  label_smoothing=check_number(smoothing, "smoothing", "timm_mix_step", low=0, high=1, high_open=True),
                   num_classes=num_classes)
 
     def step(net, x, y):

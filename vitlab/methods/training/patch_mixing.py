@@ -39,10 +39,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ...checks import check_int, check_number
 from ...augment import cell_mask, mix_targets, paste, soft_cross_entropy
 from ...data import corrupt
 from ...models.cnn import SmallCNN, small_cnn  # the course's CNN; re-exported for the lesson
-from ...checks import check_int as _check_int
 
 __all__ = ["RECIPE", "PatchMix", "patchmix_step", "cutmix_step", "SmallCNN", "small_cnn", "replace_out_of_context",
            "robustness_curves"]
@@ -55,13 +55,6 @@ SEVERITIES = (1, 2, 3, 4, 5)
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_fraction(value, name: str, fn: str, *, upper_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a number in [0, 1], got {type(value).__name__} ({value!r})")
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0) or (upper_open and value >= 1.0):
-        raise ValueError(f"{fn}: {name} must be a number in [0, {'1)' if upper_open else '1]'}, got {value!r}")
-    return float(value)
-
 
 def _check_images(images, labels, patch_size: int, fn: str) -> tuple[int, int]:
     if not torch.is_tensor(images) or images.ndim != 4 or not images.is_floating_point():
@@ -86,11 +79,11 @@ class PatchMix:
 
     def __init__(self, patch_size: int, num_classes: int, *, max_ratio: float = 0.5, smoothing: float = 0.1,
                  seed: int = 0):
-        self.patch_size = _check_int(patch_size, "patch_size", "PatchMix")
-        self.num_classes = _check_int(num_classes, "num_classes", "PatchMix", low=2)
-        self.max_ratio = _check_fraction(max_ratio, "max_ratio", "PatchMix")
-        self.smoothing = _check_fraction(smoothing, "smoothing", "PatchMix", upper_open=True)
-        _check_int(seed, "seed", "PatchMix", low=0)
+        self.patch_size = check_int(patch_size, "patch_size", "PatchMix")
+        self.num_classes = check_int(num_classes, "num_classes", "PatchMix", low=2)
+        self.max_ratio = check_number(max_ratio, "max_ratio", "PatchMix", low=0, high=1)
+        self.smoothing = check_number(smoothing, "smoothing", "PatchMix", low=0, high=1, high_open=True)
+        check_int(seed, "seed", "PatchMix", low=0)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, x: Tensor, y: Tensor, *, n_cells: Tensor | int | None = None,
@@ -140,10 +133,10 @@ def cutmix_step(num_classes: int, *, alpha: float = 1.0, smoothing: float = 0.1)
     """
     from timm.data import Mixup
 
-    num_classes = _check_int(num_classes, "num_classes", "cutmix_step", low=2)
+    num_classes = check_int(num_classes, "num_classes", "cutmix_step", low=2)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"cutmix_step: alpha must be a positive number, got {alpha!r}")
-    smoothing = _check_fraction(smoothing, "smoothing", "cutmix_step", upper_open=True)
+    smoothing = check_number(smoothing, "smoothing", "cutmix_step", low=0, high=1, high_open=True)
     mixer = Mixup(mixup_alpha=0.0, cutmix_alpha=float(alpha), prob=1.0, switch_prob=0.0, mode="batch",
                   correct_lam=True, label_smoothing=smoothing, num_classes=num_classes)
 
@@ -168,8 +161,8 @@ def replace_out_of_context(images: Tensor, labels: Tensor, fraction: float, patc
     one thing at a time.
     """
     gh, gw = _check_images(images, labels, patch_size, "replace_out_of_context")
-    fraction = _check_fraction(fraction, "fraction", "replace_out_of_context")
-    _check_int(seed, "seed", "replace_out_of_context", low=0)
+    fraction = check_number(fraction, "fraction", "replace_out_of_context", low=0, high=1)
+    check_int(seed, "seed", "replace_out_of_context", low=0)
     B = len(images)
     lab = labels.cpu()
     order = lab.argsort(stable=True)  # images grouped by class
@@ -200,8 +193,8 @@ def robustness_curves(model: nn.Module, data, patch_size: int, *, fractions=FRAC
         raise TypeError(f"robustness_curves: model must be an nn.Module, got {type(model).__name__}")
     if not (hasattr(data, "images") and hasattr(data, "labels")):
         raise TypeError(f"robustness_curves: data must be a vitlab ImageDataset, got {type(data).__name__}")
-    _check_int(patch_size, "patch_size", "robustness_curves")
-    fractions = [_check_fraction(f, "fractions", "robustness_curves") for f in fractions]
+    check_int(patch_size, "patch_size", "robustness_curves")
+    fractions = [check_number(f, "fractions", "robustness_curves", low=0, high=1) for f in fractions]
     severities = list(severities)
     x, y = data.images, data.labels
     acc = lambda imgs: accuracy(model, (imgs, y), batch_size=batch_size)  # noqa: E731
