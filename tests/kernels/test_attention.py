@@ -314,3 +314,79 @@ def test_bad_input(fn):
         fn(q, k, v, gmm="gauss")
     with pytest.raises(ValueError, match="grid_w must be an int"):
         grid_coords(3, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU tile shapes, the flat grid, side outputs from the forward kernel, and proof that Triton ran
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The kernels with GPU-sized tiles (64 x 64) even under the interpreter, so that at N = 197 every
+    multi-tile path runs: several query blocks per head, several key tiles per block, the diagonal in
+    several programs, the CLS row parked over several key tiles."""
+    import vitlab.kernels.attention as A
+    from triton import Config
+
+    for kern in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq, A._attn_sides):
+        monkeypatch.setattr(kern, "configs", [Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)])
+        monkeypatch.setattr(kern, "cache", {})
+    yield
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Fail if `attention` quietly took the PyTorch path instead of the Triton kernels."""
+    import vitlab.kernels.attention as A
+
+    def refuse(*a, **k):
+        raise AssertionError("took the PyTorch fallback, not the Triton kernels")
+
+    monkeypatch.setattr(A, "attention_ref", refuse)
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", refuse)
+
+
+@needs_triton
+@pytest.mark.parametrize("flat", [False, True])
+def test_gpu_tiles_at_197_tokens_forward_backward_sides(gpu_tiles, no_fallback, monkeypatch, flat):
+    import vitlab.kernels.attention as A
+
+    if flat:  # the 1-D grid a huge batch*heads (window attention) needs, tried on a small case
+        monkeypatch.setattr(A, "MAX_GRID_Y", 1)
+    q, k, v = make_qkv(2, 2, 197, 197, 32, grad=True)
+    out, sides = attention(q, k, v, return_cls=True, return_diag=True)  # both from the forward kernel
+    want = sides_from_probs(q.detach(), k.detach(), v.detach())
+    for name in ("cls", "diag"):
+        assert max_err(sides[name], want[name]) < 1e-5, name
+    ref = oracle(q.detach(), k.detach(), v.detach())
+    assert max_err(out, ref) < 1e-5
+    _, all_sides = attention(q.detach(), k.detach(), v.detach(), **SIDES)  # column sums: the second pass
+    for name in want:
+        assert max_err(all_sides[name], want[name]) < 1e-5, name
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    wanted = torch.autograd.grad(attention_ref(qd, kd, vd), (qd, kd, vd), dout.double())
+    for name, g, w in zip("qkv", got, wanted):
+        assert max_err(g, w) < 1e-5, f"d{name}"
+
+
+@needs_triton
+def test_cls_and_diag_come_from_the_forward_kernel(monkeypatch):
+    """Without column sums the second (sides) pass does not run at all."""
+    import vitlab.kernels.attention as A
+
+    monkeypatch.setattr(A, "_sides", lambda *a, **k: pytest.fail("ran the second pass"))
+    q, k, v = make_qkv(1, 2, 65, 65, 16)
+    _, sides = attention(q, k, v, return_cls=True, return_diag=True)
+    want = sides_from_probs(q, k, v)
+    assert max_err(sides["cls"], want["cls"]) < 1e-5 and max_err(sides["diag"], want["diag"]) < 1e-5
+
+
+@needs_triton
+def test_output_unused_in_the_loss_needs_no_backward():
+    """set_materialize_grads(False): a loss on a side branch only leaves the attention without a dout."""
+    q, k, v = make_qkv(1, 1, 17, 17, 16, grad=True)
+    out, sides = attention(q, k, v, return_cls=True)
+    loss = (q * 2).sum()  # out is not used
+    loss.backward()
+    assert torch.equal(q.grad, torch.full_like(q, 2.0)) and k.grad is None

@@ -14,8 +14,14 @@ Extras for the course's methods:
   bias      dense additive [B|1, H|1, Nq, Nk] (relative-position tables, masks)
   key_bias  per-key additive [B, Nk] or [B, H, Nk] (log token size: ToMe's proportional attention)
   gmm       a Gaussian-mixture distance bias computed in the kernel from token grid coordinates
-  sides     the CLS row, the column sums and the diagonal of the probabilities, from a second light pass
-            over the keys that needs only lse (token-scoring methods: EViT, GTP, HiPrune, DiffRate, ...)
+  sides     the CLS row, the column sums and the diagonal of the probabilities (token-scoring methods:
+            EViT, GTP, HiPrune, DiffRate, ...). The CLS row and the diagonal come out of the forward kernel
+            itself: the program holding row 0 parks that row's raw scores and normalises them with its final
+            lse; every program keeps its rows' diagonal scores. Column sums need every row's final lse, so
+            they take a second light pass over the keys.
+
+Launch order: a (batch, head)'s query tiles are on grid axis 0, which varies fastest, so the programs that
+read the same K and V run together and find them in L2 (a 1-D grid past axis 1's 65,535 limit).
 
 Dispatch: CUDA tensors → Triton; CPU tensors with TRITON_INTERPRET=1 → Triton in the interpreter (tests);
 anything else → `attention_ref` (pure PyTorch, also the test oracle), or SDPA when nothing extra is asked.
@@ -267,6 +273,16 @@ if HAS_TRITON:
             s += g.to(s.dtype) * LOG2E
         return tl.where(mask_n[None, :], s, float("-inf"))
 
+    @triton.jit
+    def _tile_ids(n_tiles, FLAT: tl.constexpr):
+        """(tile, batch*head) of this program. Tiles of one (batch, head) are adjacent in launch order (axis 0
+        varies fastest), so the programs that read the same K/V run together and find them in L2. Axis 1 is
+        limited to 65535: past that (window attention: B*H huge) the launcher flattens the grid to 1-D."""
+        if FLAT:
+            pid = tl.program_id(0)
+            return pid % n_tiles, pid // n_tiles
+        return tl.program_id(0), tl.program_id(1)
+
     # The extras' arguments, in the same order in every kernel below (see `_extra_args`):
     #   Bias [B,H,Nq,Nk] (broadcast dims stride 0), KB [B,H,Nk], CQ [B,Nq,2], CK [B,Nk,2], GW/GS [H,M]
     @triton.jit
@@ -291,15 +307,20 @@ if HAS_TRITON:
     @triton.autotune(configs=_fwd_configs(), key=["Nq", "Nk", "HEAD_DIM"])
     @triton.jit
     def _attn_fwd(Q, K, V, O, LSE,  # q [B,H,Nq,D], k/v [B,H,Nk,D], out like q, LSE [B,H,Nq] fp32 (log2 units)
+                  CLS, DIAG,  # side outputs, fp32: CLS [B,H,Nk] = p[0, :], DIAG [B,H,min(Nq,Nk)] = p[i, i]
                   s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
                   Bias, s_bb, s_bh, s_bm, s_bn, KB, s_kbb, s_kbh, s_kbn,
                   CQ, s_cqb, s_cqn, s_cqc, CK, s_ckb, s_ckn, s_ckc, GW, GS, s_gh,
                   H, Nq, Nk, qk_scale,
                   HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, GMM_M: tl.constexpr,
+                  WANT_CLS: tl.constexpr, WANT_DIAG: tl.constexpr, FLAT: tl.constexpr,
                   DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_bh = tl.program_id(0)  # batch*heads on axis 0: it can exceed axis 1's 65535 (window attention)
-        pid_m = tl.program_id(1)
+        """One program: BLOCK_M query rows against all keys, online softmax. Side outputs come from the same
+        pass: the program holding row 0 parks that row's raw scores in CLS and normalises them with the row's
+        final log-sum-exp; each program keeps its rows' diagonal score in a register. (Column sums need every
+        row's final lse, so they stay in a second pass, `_attn_sides`.)"""
+        pid_m, pid_bh = _tile_ids(tl.cdiv(Nq, BLOCK_M), FLAT)
         b = pid_bh // H
         h = pid_bh % H
         bias_p, kb_p, cq_p, ck_p, gw_p, gs_p = _extra_ptrs(b, h, Bias, s_bb, s_bh, KB, s_kbb, s_kbh,
@@ -316,6 +337,8 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)  # running row max (log2 units)
         l_i = tl.zeros([BLOCK_M], dtype=ACC)  # running sum of exp2(s - m_i)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)  # running unnormalised output
+        s_diag = tl.zeros([BLOCK_M], dtype=ACC)  # each row's own score s_ii (log2 units)
+        has_row0 = pid_m == 0
         for start_n in range(0, Nk, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < Nk
@@ -324,6 +347,12 @@ if HAS_TRITON:
             s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_p, s_bm, s_bn, kb_p, s_kbn,
                         cq_p, s_cqn, s_cqc, ck_p, s_ckn, s_ckc, gw_p, gs_p,
                         HAS_BIAS, HAS_KB, GMM_M, PREC).to(ACC)  # [BM, BN]
+            if WANT_CLS:  # row 0's raw scores, parked in the output until its lse is known
+                if has_row0:
+                    tl.store(CLS + pid_bh * Nk + offs_n, tl.sum(tl.where(offs_m[:, None] == 0, s, 0.0), 0),
+                             mask=mask_n)
+            if WANT_DIAG:
+                s_diag += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], s, 0.0), 1)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row whose scores so far are all -inf (a user's -inf bias) must not produce inf - inf = NaN
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -335,16 +364,28 @@ if HAS_TRITON:
         acc = acc / l_i[:, None]
         tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :],
                  acc.to(O.dtype.element_ty), mask=mask_m[:, None])
-        tl.store(LSE + pid_bh * Nq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+        lse = m_i + tl.log2(l_i)
+        tl.store(LSE + pid_bh * Nq + offs_m, lse, mask=mask_m)
+        if WANT_DIAG:
+            n_diag = tl.minimum(Nq, Nk)
+            tl.store(DIAG + pid_bh * n_diag + offs_m, tl.exp2(s_diag - lse), mask=offs_m < n_diag)
+        if WANT_CLS:
+            if has_row0:
+                lse0 = tl.sum(tl.where(offs_m == 0, lse, 0.0), 0)
+                tl.debug_barrier()  # every thread's parked scores are in memory before any thread reads them back
+                for start_n in range(0, Nk, BLOCK_N):
+                    offs_n = start_n + tl.arange(0, BLOCK_N)
+                    raw = tl.load(CLS + pid_bh * Nk + offs_n, mask=offs_n < Nk, other=0.0)
+                    tl.store(CLS + pid_bh * Nk + offs_n, tl.exp2(raw - lse0), mask=offs_n < Nk)
 
     @triton.jit
     def _attn_bwd_delta(O, DO, Delta, s_ob, s_oh, s_on, s_dob, s_doh, s_don, H, Nq,
-                        HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr, BLOCK_M: tl.constexpr):
         """delta_i = sum_d out_id * dout_id  [B,H,Nq]: the softmax backward's row term, once per row."""
-        pid_bh = tl.program_id(0)
+        pid_m, pid_bh = _tile_ids(tl.cdiv(Nq, BLOCK_M), FLAT)
         b = pid_bh // H
         h = pid_bh % H
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         mask = (offs_m < Nq)[:, None]
         o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=mask, other=0.0)
@@ -366,20 +407,20 @@ if HAS_TRITON:
                        CQ, s_cqb, s_cqn, s_cqc, CK, s_ckb, s_ckn, s_ckc, GW, GS, s_gh,
                        H, Nq, Nk, qk_scale, scale,
                        HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, GMM_M: tl.constexpr,
-                       BIAS_GRAD: tl.constexpr, KB_GRAD: tl.constexpr,
+                       BIAS_GRAD: tl.constexpr, KB_GRAD: tl.constexpr, FLAT: tl.constexpr,
                        DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """A program owns BLOCK_N keys and walks over all queries:
             dv_j = sum_i p_ij do_i,  dk_j = scale * sum_i ds_ij q_i,  ds_ij = p_ij (do_i . v_j - delta_i).
         ds is also the gradient of the additive biases: written to DBias [B,H,Nq,Nk] (fp32) or summed over
         queries into DKB [B,H,Nk] (fp32) when asked. DK/DV are contiguous [B,H,Nk,D]."""
-        pid_bh = tl.program_id(0)
+        pid_n, pid_bh = _tile_ids(tl.cdiv(Nk, BLOCK_N), FLAT)
         b = pid_bh // H
         h = pid_bh % H
         bias_p, kb_p, cq_p, ck_p, gw_p, gs_p = _extra_ptrs(b, h, Bias, s_bb, s_bh, KB, s_kbb, s_kbh,
                                                            CQ, s_cqb, CK, s_ckb, GW, GS, s_gh,
                                                            HAS_BIAS, HAS_KB, GMM_M)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         mask_n = offs_n < Nk
         k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
@@ -425,17 +466,17 @@ if HAS_TRITON:
                      CQ, s_cqb, s_cqn, s_cqc, CK, s_ckb, s_ckn, s_ckc, GW, GS, s_gh,
                      H, Nq, Nk, qk_scale, scale,
                      HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, GMM_M: tl.constexpr,
-                     DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                     FLAT: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """A program owns BLOCK_M queries and walks over all keys: dq_i = scale * sum_j ds_ij k_j.
         (A separate kernel from dk/dv, so that no two programs add into the same rows: no atomics.)"""
-        pid_bh = tl.program_id(0)
+        pid_m, pid_bh = _tile_ids(tl.cdiv(Nq, BLOCK_M), FLAT)
         b = pid_bh // H
         h = pid_bh % H
         bias_p, kb_p, cq_p, ck_p, gw_p, gs_p = _extra_ptrs(b, h, Bias, s_bb, s_bh, KB, s_kbb, s_kbh,
                                                            CQ, s_cqb, CK, s_ckb, GW, GS, s_gh,
                                                            HAS_BIAS, HAS_KB, GMM_M)
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         mask_m = offs_m < Nq
         q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :],
@@ -490,19 +531,20 @@ if HAS_TRITON:
                     H, Nq, Nk, qk_scale,
                     HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, GMM_M: tl.constexpr,
                     WANT_CLS: tl.constexpr, WANT_COLSUM: tl.constexpr, WANT_DIAG: tl.constexpr,
-                    DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                    FLAT: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Side outputs, one program per BLOCK_N keys. All three are column reductions of p:
             cls_j = p_0j,  colsum_j = sum_i p_ij,  diag_j = p_jj.
         Column sums need every query block; the CLS row needs only the first, the diagonal only the
-        blocks that cross it, so without column sums this costs a tile or two per program."""
-        pid_bh = tl.program_id(0)
+        blocks that cross it, so without column sums this costs a tile or two per program. (The forward
+        kernel returns the CLS row and the diagonal itself; this pass runs for column sums.)"""
+        pid_n, pid_bh = _tile_ids(tl.cdiv(Nk, BLOCK_N), FLAT)
         b = pid_bh // H
         h = pid_bh % H
         bias_p, kb_p, cq_p, ck_p, gw_p, gs_p = _extra_ptrs(b, h, Bias, s_bb, s_bh, KB, s_kbb, s_kbh,
                                                            CQ, s_cqb, CK, s_ckb, GW, GS, s_gh,
                                                            HAS_BIAS, HAS_KB, GMM_M)
-        start_n = tl.program_id(1) * BLOCK_N
+        start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         mask_n = offs_n < Nk
@@ -611,19 +653,37 @@ def _empty_like_layout(q, N):
     return torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
 
 
-def _forward(q, k, v, scale, bias, key_bias, gmm):
-    """Triton forward. Returns out [B,H,Nq,D] and lse [B,H,Nq] (log2 units, fp32/fp64)."""
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1
+
+
+def _grid(n: int, block: str, bh: int):
+    """(grid, FLAT) for ``n`` rows in tiles of META[block] for each of ``bh`` (batch, head) pairs: tiles on axis 0
+    (they vary fastest, so one head's programs run together), batch*head on axis 1, or 1-D past its limit."""
+    flat = bh > MAX_GRID_Y
+
+    def grid(META):
+        tiles = triton.cdiv(n, META[block])
+        return (tiles * bh,) if flat else (tiles, bh)
+    return grid, flat
+
+
+def _forward(q, k, v, scale, bias, key_bias, gmm, want_cls=False, want_diag=False):
+    """Triton forward. Returns out [B,H,Nq,D], lse [B,H,Nq] (log2 units, fp32/fp64), and the CLS row [B,H,Nk]
+    and diagonal [B,H,min(Nq,Nk)] of the probabilities when asked (else None)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     DOT, ACC, PREC = _dtypes(q)
     o = _empty_like_layout(q, Nq)
     lse = torch.empty(B, H, Nq, dtype=torch.float64 if ACC == tl.float64 else torch.float32, device=q.device)
+    cls = torch.empty(B, H, Nk, dtype=lse.dtype, device=q.device) if want_cls else lse
+    diag = torch.empty(B, H, min(Nq, Nk), dtype=lse.dtype, device=q.device) if want_diag else lse
     extra, flags = _extra_args(q, bias, key_bias, gmm, H)
-    grid = lambda META: (B * H, triton.cdiv(Nq, META["BLOCK_M"]))  # noqa: E731
-    _attn_fwd[grid](q, k, v, o, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
+    grid, flat = _grid(Nq, "BLOCK_M", B * H)
+    _attn_fwd[grid](q, k, v, o, lse, cls, diag, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o),
                     *extra, H, Nq, Nk, scale * 1.4426950408889634,
-                    HEAD_DIM=D, DOT=DOT, ACC=ACC, PREC=PREC, **flags)
-    return o, lse
+                    HEAD_DIM=D, WANT_CLS=want_cls, WANT_DIAG=want_diag, FLAT=flat, DOT=DOT, ACC=ACC, PREC=PREC,
+                    **flags)
+    return o, lse, (cls if want_cls else None), (diag if want_diag else None)
 
 
 def _sides(q, k, lse, scale, bias, key_bias, gmm, want):
@@ -636,11 +696,11 @@ def _sides(q, k, lse, scale, bias, key_bias, gmm, want):
     colsum = torch.empty(B, H, Nk, dtype=out_dt, device=q.device) if "colsum" in want else lse
     diag = torch.empty(B, H, min(Nq, Nk), dtype=out_dt, device=q.device) if "diag" in want else lse
     extra, flags = _extra_args(q, bias, key_bias, gmm, H)
-    grid = lambda META: (B * H, triton.cdiv(Nk, META["BLOCK_N"]))  # noqa: E731
+    grid, flat = _grid(Nk, "BLOCK_N", B * H)
     _attn_sides[grid](q, k, lse, cls, colsum, diag, *_strides3(q), *_strides3(k),
                       *extra, H, Nq, Nk, scale * 1.4426950408889634,
                       HEAD_DIM=D, WANT_CLS="cls" in want, WANT_COLSUM="colsum" in want, WANT_DIAG="diag" in want,
-                      DOT=DOT, ACC=ACC, PREC=PREC, **flags)
+                      FLAT=flat, DOT=DOT, ACC=ACC, PREC=PREC, **flags)
     sides = {"cls": cls, "colsum": colsum, "diag": diag}
     return {name: sides[name] for name in SIDE_NAMES if name in want}
 
@@ -654,8 +714,9 @@ def _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_gra
     do = _unit_last(do)
     delta = torch.empty_like(lse)  # [B,H,Nq]
     block = 256 if interpreting() else 64
-    _attn_bwd_delta[(B * H, triton.cdiv(Nq, block))](o, do, delta, *_strides3(o), *_strides3(do), H, Nq,
-                                                      HEAD_DIM=D, ACC=ACC, BLOCK_M=block)
+    grid_delta, flat = _grid(Nq, "BLOCK_M", B * H)
+    _attn_bwd_delta[grid_delta({"BLOCK_M": block})](o, do, delta, *_strides3(o), *_strides3(do), H, Nq,
+                                                    HEAD_DIM=D, ACC=ACC, FLAT=flat, BLOCK_M=block)
     dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, H, Nk, D, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, H, Nk, D, dtype=v.dtype, device=q.device)
@@ -664,31 +725,34 @@ def _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_gra
     extra, flags = _extra_args(q, bias, key_bias, gmm, H)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *extra, H, Nq, Nk,
               scale * 1.4426950408889634, scale)
-    consts = dict(HEAD_DIM=D, DOT=DOT, ACC=ACC, PREC=PREC, **flags)
-    grid_kv = lambda META: (B * H, triton.cdiv(Nk, META["BLOCK_N"]))  # noqa: E731
+    consts = dict(HEAD_DIM=D, FLAT=flat, DOT=DOT, ACC=ACC, PREC=PREC, **flags)
+    grid_kv, _ = _grid(Nk, "BLOCK_N", B * H)
     _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, dbias, dkb, *common,
                             BIAS_GRAD=bias_grad, KB_GRAD=kb_grad, **consts)
-    grid_q = lambda META: (B * H, triton.cdiv(Nq, META["BLOCK_M"]))  # noqa: E731
+    grid_q, _ = _grid(Nq, "BLOCK_M", B * H)
     _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, *common, **consts)
     return dq, dk, dv, (dbias if bias_grad else None), (dkb if kb_grad else None)
 
 
 class _FlashAttention(torch.autograd.Function):
     """autograd through the Triton kernels. Inputs: q, k, v, the user's bias and key_bias (their
-    original shapes, for the gradients), the extras as the kernels take them, scale. Returns (out, lse);
-    lse is not differentiable."""
+    original shapes, for the gradients), the extras as the kernels take them, scale, and which side outputs
+    the forward returns. Returns (out, lse, cls, diag); only out is differentiable (cls/diag: None if unasked)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias_in, key_bias_in, bias, key_bias, gmm, scale):
+    def forward(ctx, q, k, v, bias_in, key_bias_in, bias, key_bias, gmm, scale, want_cls, want_diag):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        o, lse = _forward(q, k, v, scale, bias, key_bias, gmm)
+        o, lse, cls, diag = _forward(q, k, v, scale, bias, key_bias, gmm, want_cls, want_diag)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.extras = (bias_in, key_bias_in, bias, key_bias, gmm, scale)
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+        ctx.mark_non_differentiable(lse, *(t for t in (cls, diag) if t is not None))
+        ctx.set_materialize_grads(False)  # no zero-filled dout when nothing downstream needs the output
+        return o, lse, cls, diag
 
     @staticmethod
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do, _dlse, _dcls, _ddiag):
+        if do is None:
+            return (None,) * 11
         q, k, v, o, lse = ctx.saved_tensors
         bias_in, key_bias_in, bias, key_bias, gmm, scale = ctx.extras
         bias_grad, kb_grad = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
@@ -698,7 +762,7 @@ class _FlashAttention(torch.autograd.Function):
         if dkb is not None:  # [B,H,Nk] -> the user's [B,Nk] or [B|1, H|1, Nk]
             shape = key_bias_in.shape
             dkb = (dkb.sum(1) if len(shape) == 2 else dkb).sum_to_size(shape).to(key_bias_in.dtype)
-        return dq, dk, dv, dbias, dkb, None, None, None, None
+        return dq, dk, dv, dbias, dkb, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -740,9 +804,14 @@ def attention(q, k, v, *, scale=None, bias=None, key_bias=None, gmm=None,
 
 @torch.compiler.disable  # torch.compile sees a call it does not trace (a graph break), never a half-traced launcher
 def _attention_triton(q, k, v, scale, bias, key_bias, bias_x, kb_x, gmm, want):
-    out, lse = _FlashAttention.apply(q, k, v, bias, key_bias, bias_x, kb_x, gmm, scale)
+    # the CLS row and the diagonal come out of the forward kernel itself; column sums need a second pass
+    in_forward = "colsum" not in want
+    out, lse, cls, diag = _FlashAttention.apply(q, k, v, bias, key_bias, bias_x, kb_x, gmm, scale,
+                                                in_forward and "cls" in want, in_forward and "diag" in want)
     if not want:
         return out
+    if in_forward:
+        return out, {name: t for name, t in (("cls", cls), ("diag", diag)) if name in want}
     with torch.no_grad():
         sides = _sides(_unit_last(q.detach()), _unit_last(k.detach()), lse, scale,
                        None if bias_x is None else bias_x.detach(), None if kb_x is None else kb_x.detach(),
