@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -58,28 +59,53 @@ def _rint(v):
     return tl.where(v < 0, -r, r)
 
 
+# How the kernel finds each element's parameters (the LAYOUT constexpr). The host path builds no tensors and
+# never syncs: Python numbers go in as scalar arguments, tensors as they are (the kernel converts on load).
+TENSOR, FLAT, ROWS = 0, 1, 2  # per tensor; per channel, channel = (i // inner) % P per element; per channel,
+#   one row of `inner` elements per program row (channel = row % P once per program: no per-element division)
+ROWS_MIN_INNER = 256  # rows shorter than this waste most of a program: those take FLAT
+
+
 @triton.jit
 def _fake_quant_kernel(
-    X, Y, Keep, Scale, InvScale, Zp, Eta,  # X, Y, Keep: flat [n]; Scale, InvScale, Zp, Eta: [P] (fp32)
+    X, Y, Keep,  # X, Y, Keep: flat [n] (x viewed as [outer, P, inner] per channel)
+    Scale, Zp, Eta, s_val, zp_val, eta_val,  # each parameter: a tensor [P] (any real dtype) or a scalar
     n, inner, P, qmax,
-    MODE: tl.constexpr, PER_CHANNEL: tl.constexpr, STORE_KEEP: tl.constexpr, BIG: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, LAYOUT: tl.constexpr, S_T: tl.constexpr, Z_T: tl.constexpr, E_T: tl.constexpr,
+    STORE_KEEP: tl.constexpr, BIG: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    if BIG:  # int64 offsets only when n needs them (int64 division is slow on GPU)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if LAYOUT == 2:  # ROWS: grid (cdiv(inner, BLOCK), rows); this program's row has one channel
+        row = tl.program_id(1)
+        col = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        if BIG:
+            offs = row.to(tl.int64) * inner + col
+        else:
+            offs = row * inner + col
+        mask = col < inner
+        ch = row % P
     else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+        pid = tl.program_id(0)
+        if BIG:  # int64 offsets only when n needs them (int64 division is slow on GPU)
+            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        if LAYOUT == 1:
+            ch = (offs // inner) % P  # in [0, P) for every lane, masked or not: no mask needed
+        else:
+            ch = 0
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    if PER_CHANNEL:  # x viewed as [outer, P, inner]
-        ch = (offs // inner) % P
+    if S_T:
+        s = tl.load(Scale + ch).to(ACC)
     else:
-        ch = offs * 0
-    s = tl.load(Scale + ch, mask=mask, other=1.0).to(ACC)
-    inv = tl.load(InvScale + ch, mask=mask, other=1.0).to(ACC)
+        s = s_val * tl.full([], 1.0, ACC)  # a scalar argument (fp32, rounded by the launcher)
+    # the correctly rounded fp32 reciprocal, as torch's fake_quantize multiplies by (bit-exact uniform mode)
+    inv = tl.math.div_rn(tl.full([], 1.0, ACC), s)
     if MODE == 0:  # uniform
-        z = tl.load(Zp + ch, mask=mask, other=0.0).to(ACC)
+        if Z_T:
+            z = tl.load(Zp + ch).to(ACC)
+        else:
+            z = zp_val * tl.full([], 1.0, ACC)
         qf = _rint(x * inv) + z
         q = tl.minimum(tl.maximum(qf, 0.0), qmax)
         y = (q - z) * s
@@ -89,7 +115,10 @@ def _fake_quant_kernel(
         qf = tl.where(pos, _rint(-tl.log2(tl.where(pos, t, 1.0))), qmax + 1.0)
         y = tl.where(qf > qmax, 0.0, s * tl.exp2(-tl.maximum(qf, 0.0)))
     else:  # shift_log2
-        eta = tl.load(Eta + ch, mask=mask, other=0.0).to(ACC)
+        if E_T:
+            eta = tl.load(Eta + ch).to(ACC)
+        else:
+            eta = eta_val * tl.full([], 1.0, ACC)
         u = x + eta
         pos = u > 0
         qf = tl.where(pos, _rint(-tl.log2(tl.where(pos, u, 1.0)) * inv), qmax + 1.0)
@@ -104,8 +133,9 @@ def _fake_quant_kernel(
 # ----------------------------------------------------------------------------------------------------
 # argument handling (shared by the kernel path and the reference)
 # ----------------------------------------------------------------------------------------------------
-def _param(name, v, P, device, *, integer=False):
-    """A per-tensor (P=1) or per-channel (P) parameter as an fp32 tensor of shape [P] on ``device``."""
+def _param(name, v, P, *, integer=False, positive=False, low=None, high=None):
+    """A parameter as given: a Python number (per tensor) stays a float; a tensor is checked and viewed as
+    [P] in its own dtype and device (the kernel converts on load: no copies, no host-device syncs)."""
     if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor)):
         raise TypeError(f"fake_quant: {name} must be a number or a tensor, got {type(v).__name__}")
     if isinstance(v, torch.Tensor):
@@ -117,14 +147,26 @@ def _param(name, v, P, device, *, integer=False):
             want = "1 (per tensor: axis=None)" if P == 1 else f"{P} (one per channel along axis)"
             raise ValueError(f"fake_quant: {name} has {v.numel()} elements (shape {tuple(v.shape)}); "
                              f"expected {want}")
-        return v.detach().reshape(P).to(device=device, dtype=torch.float32)
-    if integer and float(v) != int(v):
+        v = v.detach().reshape(P)
+        if not v.is_cuda:  # checking a GPU tensor's values would sync: the caller calibrated it
+            bad = (v <= 0) if positive else ((v < low) | (v > high)) if low is not None else None
+            if bad is not None and bool(bad.any()):
+                raise ValueError(_range_msg(name, v.tolist() if P > 1 else v.item(), positive, low, high))
+        return v
+    v = float(v)
+    if integer and v != int(v):
         raise TypeError(f"fake_quant: {name} must be an integer, got {v!r}")
-    return torch.full((P,), float(v), dtype=torch.float32, device=device)
+    if (positive and not v > 0) or (low is not None and not low <= v <= high):
+        raise ValueError(_range_msg(name, int(v) if integer else v, positive, low, high))
+    return v
+
+
+def _range_msg(name, v, positive, low, high):
+    return f"fake_quant: {name} must {'be > 0' if positive else f'lie in [{low}, {high}]'}, got {v!r}"
 
 
 def _prepare(x, scale, zero_point, bits, axis, mode, eta):
-    """Validate; return (P, inner, scale [P], inv_scale [P], zp [P], eta [P]) as fp32 tensors."""
+    """Validate; return (P, inner, qmax, scale, zp, eta): floats per tensor, else tensors [P] on x's device."""
     check_tensor("x", x, dtypes=_DTYPES, op="fake_quant")
     if mode not in MODES:
         raise ValueError(f"fake_quant: unknown mode {mode!r}; valid: {list(MODES)}")
@@ -142,32 +184,27 @@ def _prepare(x, scale, zero_point, bits, axis, mode, eta):
         for d in x.shape[axis + 1:]:
             inner *= d
     qmax = 2 ** int(bits) - 1
-    s = _param("scale", scale, P, x.device)
-    if (not isinstance(scale, torch.Tensor) or not scale.is_cuda) and not bool((s > 0).all()):
-        raise ValueError(f"fake_quant: scale must be > 0, got {scale!r}")
-    inv = 1.0 / s  # the fp32 reciprocal, as torch's fake_quantize (bit-exact uniform mode)
+    s = _param("scale", scale, P, positive=True)
     if mode == "uniform":
         if zero_point is None:
             raise ValueError("fake_quant: mode 'uniform' needs a zero_point (an int in [0, 2**bits - 1])")
-        zp = _param("zero_point", zero_point, P, x.device, integer=True)
-        if (not isinstance(zero_point, torch.Tensor) or not zero_point.is_cuda) and \
-                not bool(((zp >= 0) & (zp <= qmax)).all()):
-            raise ValueError(f"fake_quant: zero_point must lie in [0, {qmax}] for {bits} bits, got {zero_point!r}")
+        zp = _param("zero_point", zero_point, P, integer=True, low=0, high=qmax)
     else:
         if zero_point is not None and not (isinstance(zero_point, numbers.Real) and zero_point == 0):
             raise ValueError(f"fake_quant: zero_point is not used by mode {mode!r}; pass None (got {zero_point!r})")
-        zp = torch.zeros(P, dtype=torch.float32, device=x.device)
+        zp = 0.0
     if mode == "shift_log2":
         if eta is None:
             raise ValueError("fake_quant: mode 'shift_log2' needs eta (the shift, > 0)")
-        e = _param("eta", eta, P, x.device)
-        if (not isinstance(eta, torch.Tensor) or not eta.is_cuda) and not bool((e > 0).all()):
-            raise ValueError(f"fake_quant: eta must be > 0, got {eta!r}")
+        e = _param("eta", eta, P, positive=True)
     else:
         if eta is not None:
             raise ValueError(f"fake_quant: eta is only used by mode 'shift_log2' (mode is {mode!r})")
-        e = torch.zeros(P, dtype=torch.float32, device=x.device)
-    return P, inner, qmax, s, inv, zp, e
+        e = 0.0
+    for name, t in (("scale", s), ("zero_point", zp), ("eta", e)):
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"fake_quant: {name} is on {t.device}, x on {x.device}; put them on one device")
+    return P, inner, qmax, s, zp, e
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,7 +212,7 @@ def _prepare(x, scale, zero_point, bits, axis, mode, eta):
 # ----------------------------------------------------------------------------------------------------
 def fake_quant_fwd(x, params, mode, per_channel, store_keep):
     """Launch the kernel on contiguous x. Returns (x_hat, keep uint8 or None)."""
-    P, inner, qmax, s, inv, zp, e = params
+    P, inner, qmax, s, zp, e = params
     x = x.contiguous()  # elementwise: a copy costs what the kernel costs, so accept any layout
     # Triton's interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest even): there, write
     # fp32 and let torch round, so bf16 results stay bit-exact with torch's fake_quantize.
@@ -183,13 +220,28 @@ def fake_quant_fwd(x, params, mode, per_channel, store_keep):
     y = torch.empty_like(x, dtype=torch.float32 if bf16_fix else x.dtype)
     keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device) if store_keep else None
     n = x.numel()
+    if n == 0:
+        return (y.to(torch.bfloat16) if bf16_fix else y), keep
+    rows = n // inner
+    if not per_channel:
+        layout = TENSOR
+    else:
+        layout = ROWS if inner >= ROWS_MIN_INNER and rows <= 65535 else FLAT
     block = 65536 if interpreting() else 2048
-    if n > 0:
-        _fake_quant_kernel[(triton.cdiv(n, block),)](
-            x, y, keep if store_keep else y, s, inv, zp, e, n, inner, P, float(qmax),
-            MODE=MODES.index(mode), PER_CHANNEL=per_channel, STORE_KEEP=store_keep, BIG=n + block >= 2 ** 31,
-            ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK=block, num_warps=8,
-        )
+    if layout == ROWS:
+        block = min(block, triton.next_power_of_2(inner))
+        grid = (triton.cdiv(inner, block), rows)
+    else:
+        grid = (triton.cdiv(n, block),)
+    ptr = lambda t: t if isinstance(t, torch.Tensor) else x  # noqa: E731  (an unused pointer slot)
+    val = lambda t: 0.0 if isinstance(t, torch.Tensor) else float(np.float32(t))  # noqa: E731  (fp32, as torch)
+    _fake_quant_kernel[grid](
+        x, y, keep if store_keep else y, ptr(s), ptr(zp), ptr(e), val(s), val(zp), val(e), n, inner, P,
+        float(qmax), MODE=MODES.index(mode), LAYOUT=layout, S_T=isinstance(s, torch.Tensor),
+        Z_T=isinstance(zp, torch.Tensor), E_T=isinstance(e, torch.Tensor), STORE_KEEP=store_keep,
+        BIG=n + block >= 2 ** 31, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK=block,
+        num_warps=8,
+    )
     return (y.to(torch.bfloat16) if bf16_fix else y), keep
 
 
@@ -225,12 +277,14 @@ def _rint_ref(v):
 
 def fake_quant_ref(x, scale, zero_point, bits, *, axis=None, mode="uniform", eta=None):
     """Pure PyTorch fake quantisation with the same definitions and STE; the CPU path and the oracle."""
-    P, inner, qmax, s, inv, zp, e = _prepare(x, scale, zero_point, bits, axis, mode, eta)
+    P, inner, qmax, s, zp, e = _prepare(x, scale, zero_point, bits, axis, mode, eta)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     shape = [1] * x.ndim
     if axis is not None:
         shape[axis % x.ndim] = P
-    s, inv, zp, e = (t.to(acc).reshape(shape) for t in (s, inv, zp, e))
+    s, zp, e = (torch.as_tensor(t, device=x.device).to(torch.float32).reshape(-1).expand(P).to(acc).reshape(shape)
+                for t in (s, zp, e))
+    inv = (1.0 / s.float()).to(acc)  # the fp32 reciprocal, as torch's fake_quantize (bit-exact uniform mode)
     xf = x.to(acc)
     with torch.no_grad():
         if mode == "uniform":
