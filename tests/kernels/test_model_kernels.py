@@ -29,3 +29,20 @@ def test_kernels_on_equals_kernels_off_forward_backward_and_side_outputs():
 def test_set_kernels_turns_them_off():
     m = create_model("vit_nano", use_kernels=True).set_kernels(False)
     assert not any(getattr(mod, "use_kernels", False) for mod in m.modules())
+
+
+def test_blocks_use_the_fused_add_layernorm(monkeypatch):
+    """Each block's "x + attention branch, then norm2" is one add+LayerNorm kernel call (with the residual)."""
+    import vitlab.kernels.layernorm as LN
+
+    calls = []
+    real = LN.layer_norm
+
+    def spy(x, weight, bias, eps=1e-6, residual=None):
+        calls.append(residual is not None)
+        return real(x, weight, bias, eps=eps, residual=residual)
+
+    monkeypatch.setattr(LN, "layer_norm", spy)
+    model = create_model("vit_nano", depth=2, use_kernels=True).to(DEVICE)
+    model(torch.rand(2, 1, 28, 28, device=DEVICE))
+    assert calls.count(True) == 2  # one fused add+norm per block (norm1 and the final norm are plain)

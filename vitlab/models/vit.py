@@ -202,6 +202,15 @@ class Block(nn.Module):
         return x + self.drop_path2(self.ls2(self._mlp(self._norm(self.norm2, x))))
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, side: Sequence[str] = ()):
+        if _kernels_on(self, x):  # "add the attention branch, then LayerNorm" as one kernel: the sum is
+            from vitlab.kernels.layernorm import layer_norm  # read once and written once
+
+            a = self.attn(self._norm(self.norm1, x), attn_bias=attn_bias, side=side)
+            a, sides = a if side else (a, None)
+            h, x = layer_norm(self.drop_path1(self.ls1(a)), self.norm2.weight, self.norm2.bias, eps=self.norm2.eps,
+                              residual=x)  # h = LN2(x + branch), x = x + branch
+            x = x + self.drop_path2(self.ls2(self._mlp(h)))
+            return (x, sides) if side else x
         out = self.forward_attn(x, attn_bias=attn_bias, side=side)
         x, sides = out if side else (out, None)
         x = self.forward_mlp(x)
