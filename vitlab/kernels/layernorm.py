@@ -11,8 +11,9 @@ BLOCK_M rows x BLOCK_C columns (BLOCK_C = next power of two >= C, so a whole row
 Many rows per program keep the interpreter fast (its cost is per executed statement per program) and
 give small-C rows (ViT-Ti: C=192) enough work per program on a GPU.
 
-Backward: each program loops over row tiles, writes dx for its rows and accumulates partial dweight
-and dbias in registers; the [programs, C] partials are summed by torch (a tiny reduction).
+Backward: a fixed number of programs each loop over row tiles, write dx for their rows and accumulate partial
+dweight and dbias in registers; every program writes its [C] partials (no zero-fill), and one torch reduction
+over the programs finishes both.
 """
 from __future__ import annotations
 
@@ -94,13 +95,13 @@ def _ln_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------------
-# reset_to_zero: configs differ in program count, so a benchmarked config may leave partial rows that
-# the chosen one does not overwrite; the autotuner zeroes the partials before each trial and the final run
-@triton.autotune(configs=pick_configs(_CONFIGS), key=["C", "HAS_DS"], reset_to_zero=["DWp", "DBp"],
+# The grid has a fixed number of programs, whatever BLOCK_M the autotuner picks: every program writes its row of
+# partials (zeros when it got no tile), so the partials need no zero-fill and one sum finishes dweight and dbias.
+@triton.autotune(configs=pick_configs(_CONFIGS), key=["C", "HAS_DS"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _ln_bwd_kernel(
-    X, W, Mean, Rstd, DY, DS, DX, DWp, DBp,  # X, DY, DS, DX: [M, C]; DWp, DBp: [programs, C] (ACC)
+    X, W, Mean, Rstd, DY, DS, DX, DWp, DBp,  # X, DY, DS, DX: [M, C]; DWp, DBp: [programs, C] (ACC), every row written
     M, C, stride_x, stride_dy, stride_ds, stride_dx,
     HAS_DS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -218,18 +219,19 @@ def layer_norm_bwd(dy, ds, xs, weight, mean, rstd):
     M = x2.shape[0]
     dx = torch.empty(xs.shape, dtype=xs.dtype, device=xs.device)
     dx2 = dx.view(-1, C)
-    # enough programs to fill the GPU; each loops over its share of row tiles
-    max_prog = 4 * _num_sms(xs.device.index or 0) if xs.is_cuda else 64
-    dwp = torch.zeros(max_prog, C, dtype=mean.dtype, device=xs.device)  # unused rows stay 0
-    dbp = torch.zeros(max_prog, C, dtype=mean.dtype, device=xs.device)
-    if M > 0:
-        grid = lambda meta: (min(max_prog, triton.cdiv(M, meta["BLOCK_M"])),)  # noqa: E731
-        _ln_bwd_kernel[grid](
-            x2, weight, mean, rstd, dy2, ds2 if ds2 is not None else dy2, dx2, dwp, dbp,
-            M, C, x2.stride(0), dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, dx2.stride(0),
-            HAS_DS=ds2 is not None, ACC=_acc(mean.dtype), BLOCK_C=triton.next_power_of_2(C),
-        )
-    return dx, dwp.sum(0).to(weight.dtype), dbp.sum(0).to(weight.dtype)
+    if M == 0:
+        zero = torch.zeros(C, dtype=weight.dtype, device=xs.device)
+        return dx, zero, zero.clone()
+    # enough programs to fill the GPU (a fixed count: see the kernel); each loops over its share of row tiles
+    n_prog = min(4 * _num_sms(xs.device.index or 0) if xs.is_cuda else 64, M)
+    partials = torch.empty(2, n_prog, C, dtype=mean.dtype, device=xs.device)  # [dweight, dbias] per program
+    _ln_bwd_kernel[(n_prog,)](
+        x2, weight, mean, rstd, dy2, ds2 if ds2 is not None else dy2, dx2, partials[0], partials[1],
+        M, C, x2.stride(0), dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, dx2.stride(0),
+        HAS_DS=ds2 is not None, ACC=_acc(mean.dtype), BLOCK_C=triton.next_power_of_2(C),
+    )
+    dw, db = partials.sum(1).to(weight.dtype)  # one reduction over the programs for both
+    return dx, dw, db
 
 
 class LayerNormFunction(torch.autograd.Function):
