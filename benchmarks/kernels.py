@@ -14,6 +14,14 @@ and as a fraction of the device's peak (dense bf16 tensor-core FLOP/s, HBM bandw
 is in PEAKS. The same FLOP and byte counts are used for every implementation, so the ratios between
 rows are ratios of times. Results go to benchmarks/results/kernels-<device>.json.
 
+Fair baselines. Attention's are SDPA pinned to the flash backend (recorded), and SDPA plus the O(N d) CLS row
+the model computes without a kernel ("sdpa+cls": what our attention-with-CLS must beat), besides eager and
+torch.compile of the version that materialises the probabilities. Column sums and the diagonal are benchmarked
+too. fake_quant gets what the model's quantiser passes (1-element tensors, not Python numbers). Every
+implementation's output is checked against eager before it is timed (a wrong fast kernel is a failed row, not a
+result), and each row records the device time (CUDA kernels only, from the profiler) beside the wall time,
+so host overhead shows. The record holds the git commit, the driver and the autotuner's chosen configs.
+
 On a machine without CUDA it prints why it cannot run and exits 0.
 """
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,8 +49,11 @@ PEAKS = {
     "H100 80GB HBM3": (989.0, 3.35),  # how the SXM part names itself
 }
 MODELS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads (d = 64)
-OPS = ("attention", "layernorm", "add_layernorm", "mlp", "token_merge", "fake_quant", "fake_quant_log2",
-       "linear_attention")
+OPS = ("attention", "attention_colsum", "attention_diag", "layernorm", "add_layernorm", "mlp", "token_merge",
+       "fake_quant", "fake_quant_log2", "linear_attention")
+# max |impl - eager| allowed before a row counts as wrong: bf16 outputs (8 bits of mantissa), summed in other
+# orders, differ by a few ulp of the largest value; a wrong kernel is off by far more
+ATOL, RTOL = 1e-2, 2e-2
 TOKENS, HEAD_DIM, MERGE_R = 197, 64, 16  # MERGE_R: tokens removed by one ToMe merge
 DTYPE = torch.bfloat16
 DEVICE = "cuda"  # a module constant so the logic can be smoke-tested on CPU under the interpreter
@@ -61,6 +73,43 @@ def slug(name: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # the cases: for each op, the inputs, the implementations, and the work they do
 # ----------------------------------------------------------------------------------------------------
+def sdpa_backend():
+    """SDPA pinned to the flash backend (the fastest for these shapes; what we compare with), if available."""
+    from contextlib import nullcontext
+
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return nullcontext()
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION) if DEVICE == "cuda" else nullcontext()
+
+
+def check_outputs(outs, refs) -> float:
+    """max |out - ref| over the outputs both give (the CLS row / side output too); raises past
+    ATOL + RTOL * max |ref| for any of them."""
+    err = 0.0
+    for o, r in zip(outs, refs):
+        if o.shape != r.shape:
+            raise AssertionError(f"shape {tuple(o.shape)} != eager's {tuple(r.shape)}")
+        e, bound = (o.float() - r.float()).abs().max().item(), ATOL + RTOL * r.float().abs().max().item()
+        if not e <= bound:
+            raise AssertionError(f"wrong result: max |impl - eager| = {e:.3g} > {bound:.3g}")
+        err = max(err, e)
+    return err
+
+
+def device_ms(step, iters: int = 10) -> float:
+    """Milliseconds per step spent in CUDA kernels (profiler sums), without the host's launch overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / 1e3 / iters
+
+
 def _randn(*shape, scale=1.0, grad=True):
     return (torch.randn(*shape, device=DEVICE) * scale).to(DTYPE).requires_grad_(grad)
 
@@ -91,11 +140,31 @@ def case(op: str, C: int, H: int, B: int):
             return p @ v, p[:, :, 0, :]
 
         def sdpa(q, k, v):  # fastest PyTorch attention, but cannot give the CLS row
-            return F.scaled_dot_product_attention(q, k, v)
+            with sdpa_backend():
+                return F.scaled_dot_product_attention(q, k, v)
+
+        def sdpa_cls(q, k, v):  # the model's own fallback: SDPA, then one query's softmax for the CLS row, O(N d)
+            with sdpa_backend():
+                out = F.scaled_dot_product_attention(q, k, v)
+            return out, ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).float().softmax(-1)[:, :, 0]
 
         fl = 4 * B * H * N * N * d
-        return (q, k, v), {"triton": ours, "eager": eager, "compile": eager, "sdpa": sdpa}, 1, \
-            (fl, 3.5 * fl), "TFLOP/s"
+        return (q, k, v), {"triton": ours, "eager": eager, "compile": eager, "sdpa": sdpa, "sdpa+cls": sdpa_cls}, \
+            1, (fl, 3.5 * fl), "TFLOP/s"
+    if op in ("attention_colsum", "attention_diag"):  # a side output needing every row's lse
+        q, k, v = (_randn(B, H, N, d) for _ in range(3))
+        scale, side = d ** -0.5, op.split("_")[1]
+
+        def ours(q, k, v):
+            out, sides = A.attention(q, k, v, **{f"return_{side}": True})
+            return out, sides[side]
+
+        def eager(q, k, v):
+            p = (q @ k.transpose(-2, -1) * scale).softmax(-1)
+            return p @ v, (p.float().sum(-2) if side == "colsum" else p.float().diagonal(dim1=-2, dim2=-1))
+
+        fl = 4 * B * H * N * N * d
+        return (q, k, v), {"triton": ours, "eager": eager, "compile": eager}, 1, (fl, 3.5 * fl), "TFLOP/s"
     if op in ("layernorm", "add_layernorm"):
         x, r = _randn(B, N, C), _randn(B, N, C)
         w = torch.ones(C, device=DEVICE, dtype=DTYPE, requires_grad=True)
@@ -145,9 +214,12 @@ def case(op: str, C: int, H: int, B: int):
         return (x,), {"triton": ours, "eager": eager, "compile": eager}, 1, (n, 2 * n), "GB/s"
     if op == "fake_quant":
         x = _randn(B, N, C, scale=2.0)
+        # what vitlab.quant's FakeQuantizer passes: its calibrated buffers, 1-element tensors on the device
+        scale_t = torch.tensor([0.05], device=DEVICE)
+        zp_t = torch.tensor([128], device=DEVICE, dtype=torch.int32)
 
         def ours(x):
-            return FQ.fake_quant(x, 0.05, 128, 8)
+            return FQ.fake_quant(x, scale_t, zp_t, 8)
 
         def eager(x):  # torch's own fused kernel
             return torch.fake_quantize_per_tensor_affine(x, 0.05, 128, 0, 255)
@@ -200,7 +272,7 @@ def run_case(op, model, B, *, rep, warmup, compile_on, peak):
         impls = {k: f for k, f in impls.items() if k != "compile"}
     leaves = [t for t in inputs if t.requires_grad]
     with torch.no_grad():
-        ref = _tuple(impls["eager"](*inputs))[0].float()  # for a sanity check of every implementation
+        refs = [t.float() for t in _tuple(impls["eager"](*inputs))]  # every implementation is checked against these
     rows = []
     for mode, w in zip(("fwd", "fwd+bwd"), work):
         times = {}
@@ -214,7 +286,7 @@ def run_case(op, model, B, *, rep, warmup, compile_on, peak):
                         with torch.no_grad():
                             return f(*inputs)
                     out = _tuple(step())  # warm-up: compilation, autotuning
-                    row["max_abs_diff_vs_eager"] = (out[0].float() - ref).abs().max().item()  # recorded only
+                    row["max_abs_diff_vs_eager"] = check_outputs(out, refs)  # a wrong result fails the row
                 else:
                     outs = _tuple(f(*inputs))[:n_grad]
                     grads = [torch.randn_like(o) for o in outs]
@@ -226,6 +298,7 @@ def run_case(op, model, B, *, rep, warmup, compile_on, peak):
                         t.grad = None
                 ms = triton.testing.do_bench(step, warmup=warmup, rep=rep, grad_to_none=leaves or None,
                                              return_mode="median")
+                row["device_ms"] = device_ms(step)
                 value = w / (ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
                 top = peak[0] if unit == "TFLOP/s" else (peak[1] * 1e3 if peak[1] else None)
                 row.update(ms=ms, value=value, frac_peak=(value / top if top else None))
@@ -238,24 +311,29 @@ def run_case(op, model, B, *, rep, warmup, compile_on, peak):
                 row["speedup_vs_eager"] = times["eager"] / row["ms"]
             if row.get("ms") and times.get("compile"):
                 row["speedup_vs_compile"] = times["compile"] / row["ms"]
+            for base in ("sdpa", "sdpa+cls"):
+                if row.get("ms") and times.get(base):
+                    row[f"speedup_vs_{base}"] = times[base] / row["ms"]
     return rows
 
 
 def print_table(rows):
-    head = f"{'op':<17}{'model':<10}{'B':>4} {'mode':<8}{'impl':<8}{'ms':>9}{'value':>10} {'unit':<8}" \
-           f"{'%peak':>6}{'x eager':>8}{'x comp':>7}"
+    head = f"{'op':<17}{'model':<10}{'B':>4} {'mode':<8}{'impl':<9}{'ms':>9}{'dev ms':>8}{'value':>10} {'unit':<8}" \
+           f"{'%peak':>6}{'x eager':>8}{'x comp':>7}{'x sdpa':>7}{'x sdpa+cls':>11}"
     print(head)
     print("-" * len(head))
     for r in rows:
         if r.get("ms") is None:
-            print(f"{r['op']:<17}{r['model']:<10}{r['batch']:>4} {r['mode']:<8}{r['impl']:<8}  "
+            print(f"{r['op']:<17}{r['model']:<10}{r['batch']:>4} {r['mode']:<8}{r['impl']:<9}  "
                   f"failed: {r.get('error', '')[:80]}")
             continue
         pct = f"{100 * r['frac_peak']:.0f}" if r.get("frac_peak") else "-"
         se = f"{r['speedup_vs_eager']:.2f}" if r.get("speedup_vs_eager") else "-"
         sc = f"{r['speedup_vs_compile']:.2f}" if r.get("speedup_vs_compile") else "-"
-        print(f"{r['op']:<17}{r['model']:<10}{r['batch']:>4} {r['mode']:<8}{r['impl']:<8}{r['ms']:>9.3f}"
-              f"{r['value']:>10.1f} {r['unit']:<8}{pct:>6}{se:>8}{sc:>7}")
+        ss = f"{r['speedup_vs_sdpa']:.2f}" if r.get("speedup_vs_sdpa") else "-"
+        sc2 = f"{r['speedup_vs_sdpa+cls']:.2f}" if r.get("speedup_vs_sdpa+cls") else "-"
+        print(f"{r['op']:<17}{r['model']:<10}{r['batch']:>4} {r['mode']:<8}{r['impl']:<9}{r['ms']:>9.3f}"
+              f"{r.get('device_ms') or 0:>8.3f}{r['value']:>10.1f} {r['unit']:<8}{pct:>6}{se:>8}{sc:>7}{ss:>7}{sc2:>11}")
 
 
 def main(argv=None) -> int:
@@ -302,7 +380,8 @@ def main(argv=None) -> int:
     out = args.out or ROOT / "benchmarks" / "results" / f"kernels-{slug(name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = dict(
-        device=name, peak_tflops_bf16=peak[0], peak_hbm_tbps=peak[1],
+        device=name, peak_tflops_bf16=peak[0], peak_hbm_tbps=peak[1], driver=_driver(), commit=_commit(),
+        sdpa_backend="flash (pinned)", chosen_configs=_chosen_configs(),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         args=dict(quick=args.quick, ops=args.ops, models=models, batches=batches, compile=not args.no_compile),
@@ -314,6 +393,36 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(record, indent=1))
     print(f"\nsaved {out}")
     return 0
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _driver() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+
+
+def _chosen_configs() -> dict:
+    """The autotuner's pick per kernel and key (block sizes, warps, stages), as strings."""
+    from vitlab.kernels import attention as A
+    from vitlab.kernels import layernorm as LN
+
+    out = {}
+    for name, kern in (("attn_fwd", A._attn_fwd), ("attn_bwd_dkdv", A._attn_bwd_dkdv), ("attn_bwd_dq", A._attn_bwd_dq),
+                       ("attn_sides", A._attn_sides), ("ln_fwd", getattr(LN, "_ln_fwd_kernel", None)),
+                       ("ln_bwd", getattr(LN, "_ln_bwd_kernel", None))):
+        cache = getattr(kern, "cache", None) or {}
+        out[name] = {str(key): str(cfg) for key, cfg in cache.items()}
+    return out
 
 
 if __name__ == "__main__":
