@@ -390,3 +390,21 @@ def test_output_unused_in_the_loss_needs_no_backward():
     loss = (q * 2).sum()  # out is not used
     loss.backward()
     assert torch.equal(q.grad, torch.full_like(q, 2.0)) and k.grad is None
+
+
+@needs_triton
+def test_gpu_tiles_bias_and_key_bias_gradients(gpu_tiles, no_fallback):
+    """dBias / dKeyBias from the transposed dK/dV tiles, several tiles each way (N = 197, 64 x 64 tiles)."""
+    N = 197
+    q, k, v = make_qkv(2, 2, N, N, 16, grad=True)
+    g = torch.Generator().manual_seed(7)
+    bias = torch.randn(1, 2, N, N, generator=g).to(DEVICE).requires_grad_()
+    kb = torch.randn(2, N, generator=g).to(DEVICE).requires_grad_()
+    out = attention(q, k, v, bias=bias, key_bias=kb)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias, kb), dout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias, kb)]
+    ref = attention_ref(*leaves[:3], bias=leaves[3], key_bias=leaves[4])
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    for name, a, b in zip(("dq", "dk", "dv", "dbias", "dkey_bias"), got, want):
+        assert max_err(a, b) < 2e-5, name

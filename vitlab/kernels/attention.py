@@ -26,6 +26,10 @@ read the same K and V run together and find them in L2 (a 1-D grid past axis 1's
 Dispatch: CUDA tensors → Triton; CPU tensors with TRITON_INTERPRET=1 → Triton in the interpreter (tests);
 anything else → `attention_ref` (pure PyTorch, also the test oracle), or SDPA when nothing extra is asked.
 
+Backward: two kernels and no pre-pass. The dQ kernel (a program per query tile) runs first and also writes
+each row's delta_i = out_i . dout_i; the dK/dV kernel (a program per key tile) then works on transposed tiles,
+S^T = k q^T with q loaded transposed, so P^T and dS^T never need a register transpose.
+
 Gradients. q, k, v, bias and key_bias get gradients from the Triton backward. The gmm parameters
 (sigma, logits) get none there, so if they require grad, `attention` takes the reference path,
 which autograd differentiates. Side outputs carry no gradient: they are detached.
@@ -283,6 +287,33 @@ if HAS_TRITON:
             return pid % n_tiles, pid // n_tiles
         return tl.program_id(0), tl.program_id(1)
 
+    @triton.jit
+    def _scores_t(k, qT, offs_m, offs_n, Nq, Nk, qk_scale,
+                  bias_ptr, s_bm, s_bn, kb_ptr, s_kbn,
+                  cq_ptr, s_cqn, s_cqc, ck_ptr, s_ckn, s_ckc, gw_ptr, gs_ptr,
+                  HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, GMM_M: tl.constexpr, PREC: tl.constexpr):
+        """The transposed tile S^T [BN, BM] = (k q^T * scale + biases^T) * log2(e), computed as such (k [BN, D]
+        times q^T [D, BM], loaded transposed): the dK/dV kernel needs P^T and dS^T, and a register transpose of
+        a computed [BM, BN] tile costs shuffles that loading q^T does not. -inf on padded keys (rows here)."""
+        mask_m = offs_m < Nq
+        mask_n = offs_n < Nk
+        s = tl.dot(k, qT, input_precision=PREC) * qk_scale
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n[:, None] * s_bn + offs_m[None, :] * s_bm,
+                        mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+            s += b.to(s.dtype) * LOG2E
+        if HAS_KB:
+            kb = tl.load(kb_ptr + offs_n * s_kbn, mask=mask_n, other=0.0)
+            s += kb.to(s.dtype)[:, None] * LOG2E
+        if GMM_M > 0:  # the bias depends on the distance only: with the roles swapped it is the transpose
+            cq_x = tl.load(cq_ptr + offs_m * s_cqn, mask=mask_m, other=0.0)
+            cq_y = tl.load(cq_ptr + offs_m * s_cqn + s_cqc, mask=mask_m, other=0.0)
+            ck_x = tl.load(ck_ptr + offs_n * s_ckn, mask=mask_n, other=0.0)
+            ck_y = tl.load(ck_ptr + offs_n * s_ckn + s_ckc, mask=mask_n, other=0.0)
+            g = _gmm_bias(ck_x, ck_y, cq_x, cq_y, gw_ptr, gs_ptr, GMM_M)
+            s += g.to(s.dtype) * LOG2E
+        return tl.where(mask_n[:, None], s, float("-inf"))
+
     # The extras' arguments, in the same order in every kernel below (see `_extra_args`):
     #   Bias [B,H,Nq,Nk] (broadcast dims stride 0), KB [B,H,Nk], CQ [B,Nq,2], CK [B,Nk,2], GW/GS [H,M]
     @triton.jit
@@ -378,28 +409,17 @@ if HAS_TRITON:
                     raw = tl.load(CLS + pid_bh * Nk + offs_n, mask=offs_n < Nk, other=0.0)
                     tl.store(CLS + pid_bh * Nk + offs_n, tl.exp2(raw - lse0), mask=offs_n < Nk)
 
-    @triton.jit
-    def _attn_bwd_delta(O, DO, Delta, s_ob, s_oh, s_on, s_dob, s_doh, s_don, H, Nq,
-                        HEAD_DIM: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr, BLOCK_M: tl.constexpr):
-        """delta_i = sum_d out_id * dout_id  [B,H,Nq]: the softmax backward's row term, once per row."""
-        pid_m, pid_bh = _tile_ids(tl.cdiv(Nq, BLOCK_M), FLAT)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
-        mask = (offs_m < Nq)[:, None]
-        o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_don + offs_d[None, :], mask=mask, other=0.0)
-        delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
-        tl.store(Delta + pid_bh * Nq + offs_m, delta, mask=offs_m < Nq)
-
-    def _bwd_configs():
+    def _bwd_configs(wide: str):
+        """Tiles for a backward kernel: ``wide`` names the block the program owns and accumulates into
+        ("BLOCK_N" keys for dK/dV, "BLOCK_M" queries for dQ); the block it walks over stays narrow. Asymmetric
+        tiles and 2-4 pipeline stages, as FlashAttention-2's backward tunes them."""
         if interpreting():
             return [triton.Config({"BLOCK_M": 256, "BLOCK_N": 256}, num_warps=4)]
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2)]
+        walk = "BLOCK_M" if wide == "BLOCK_N" else "BLOCK_N"
+        return [triton.Config({wide: w, walk: n}, num_warps=nw, num_stages=st)
+                for w, n, nw in ((64, 64, 4), (128, 32, 4), (128, 64, 8)) for st in (2, 3, 4)]
 
-    @triton.autotune(configs=_bwd_configs(), key=["Nq", "Nk", "HEAD_DIM"])
+    @triton.autotune(configs=_bwd_configs("BLOCK_N"), key=["Nq", "Nk", "HEAD_DIM"])
     @triton.jit
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DBias, DKB,
                        s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_don,
@@ -410,8 +430,10 @@ if HAS_TRITON:
                        BIAS_GRAD: tl.constexpr, KB_GRAD: tl.constexpr, FLAT: tl.constexpr,
                        DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """A program owns BLOCK_N keys and walks over all queries:
+        """A program owns BLOCK_N keys and walks over all queries, in transposed tiles [BN, BM]:
             dv_j = sum_i p_ij do_i,  dk_j = scale * sum_i ds_ij q_i,  ds_ij = p_ij (do_i . v_j - delta_i).
+        P^T and dS^T are computed as such (S^T = k q^T with q loaded transposed), never transposed in registers.
+        delta comes from the dQ kernel, which runs first.
         ds is also the gradient of the additive biases: written to DBias [B,H,Nq,Nk] (fp32) or summed over
         queries into DKB [B,H,Nk] (fp32) when asked. DK/DV are contiguous [B,H,Nk,D]."""
         pid_n, pid_bh = _tile_ids(tl.cdiv(Nk, BLOCK_N), FLAT)
@@ -435,33 +457,34 @@ if HAS_TRITON:
         for start_m in range(0, Nq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < Nq
-            q = tl.load(q_base + offs_m[:, None] * s_qn + offs_d[None, :], mask=mask_m[:, None], other=0.0).to(DOT)
+            qT = tl.load(q_base + offs_d[:, None] + offs_m[None, :] * s_qn, mask=mask_m[None, :],
+                         other=0.0).to(DOT)  # [D, BM]: loaded transposed
             do = tl.load(do_base + offs_m[:, None] * s_don + offs_d[None, :], mask=mask_m[:, None], other=0.0).to(DOT)
             lse = tl.load(LSE + pid_bh * Nq + offs_m, mask=mask_m, other=0.0)
             delta = tl.load(Delta + pid_bh * Nq + offs_m, mask=mask_m, other=0.0)
-            s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_p, s_bm, s_bn, kb_p, s_kbn,
-                        cq_p, s_cqn, s_cqc, ck_p, s_ckn, s_ckc, gw_p, gs_p,
-                        HAS_BIAS, HAS_KB, GMM_M, PREC).to(ACC)  # [BM, BN]
-            p = tl.where(mask_m[:, None], tl.exp2(s - lse[:, None]), 0.0)  # padded rows: exactly 0
-            dv += tl.dot(tl.trans(p.to(DOT)), do, input_precision=PREC).to(ACC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)  # [BM, BN]
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(DOT)), q, input_precision=PREC).to(ACC)
+            sT = _scores_t(k, qT, offs_m, offs_n, Nq, Nk, qk_scale, bias_p, s_bm, s_bn, kb_p, s_kbn,
+                           cq_p, s_cqn, s_cqc, ck_p, s_ckn, s_ckc, gw_p, gs_p,
+                           HAS_BIAS, HAS_KB, GMM_M, PREC).to(ACC)  # [BN, BM]
+            pT = tl.where(mask_m[None, :], tl.exp2(sT - lse[None, :]), 0.0)  # padded queries: exactly 0
+            dv += tl.dot(pT.to(DOT), do, input_precision=PREC).to(ACC)  # [BN, D]
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC).to(ACC)  # [BN, BM]
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(DOT), tl.trans(qT), input_precision=PREC).to(ACC)
             if BIAS_GRAD:
-                tl.store(DBias + pid_bh * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :], ds,
-                         mask=mask_m[:, None] & mask_n[None, :])
+                tl.store(DBias + pid_bh * Nq * Nk + offs_m[None, :] * Nk + offs_n[:, None], dsT,
+                         mask=mask_n[:, None] & mask_m[None, :])
             if KB_GRAD:
-                dkb += tl.sum(ds, 0)
+                dkb += tl.sum(dsT, 1)
         out = pid_bh * Nk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
         if KB_GRAD:
             tl.store(DKB + pid_bh * Nk + offs_n, dkb, mask=mask_n)
 
-    @triton.autotune(configs=_bwd_configs(), key=["Nq", "Nk", "HEAD_DIM"])
+    @triton.autotune(configs=_bwd_configs("BLOCK_M"), key=["Nq", "Nk", "HEAD_DIM"])
     @triton.jit
-    def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
-                     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_don,
+    def _attn_bwd_dq(Q, K, V, O, DO, LSE, Delta, DQ,
+                     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_dob, s_doh, s_don,
                      Bias, s_bb, s_bh, s_bm, s_bn, KB, s_kbb, s_kbh, s_kbn,
                      CQ, s_cqb, s_cqn, s_cqc, CK, s_ckb, s_ckn, s_ckc, GW, GS, s_gh,
                      H, Nq, Nk, qk_scale, scale,
@@ -469,7 +492,9 @@ if HAS_TRITON:
                      FLAT: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """A program owns BLOCK_M queries and walks over all keys: dq_i = scale * sum_j ds_ij k_j.
-        (A separate kernel from dk/dv, so that no two programs add into the same rows: no atomics.)"""
+        It first computes its rows' delta_i = out_i . dout_i (the softmax backward's row term) and stores it for
+        the dK/dV kernel, which runs after it: no separate pre-pass. (A separate kernel from dK/dV, so that no
+        two programs add into the same rows: no atomics.)"""
         pid_m, pid_bh = _tile_ids(tl.cdiv(Nq, BLOCK_M), FLAT)
         b = pid_bh // H
         h = pid_bh % H
@@ -484,7 +509,10 @@ if HAS_TRITON:
         do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_don + offs_d[None, :],
                      mask=mask_m[:, None], other=0.0).to(DOT)
         lse = tl.load(LSE + pid_bh * Nq + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(Delta + pid_bh * Nq + offs_m, mask=mask_m, other=0.0)
+        o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=mask_m[:, None],
+                    other=0.0)
+        delta = tl.sum(o.to(ACC) * do.to(ACC), 1)  # [BM]
+        tl.store(Delta + pid_bh * Nq + offs_m, delta, mask=mask_m)
         k_base = K + b * s_kb + h * s_kh
         v_base = V + b * s_vb + h * s_vh
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
@@ -712,11 +740,7 @@ def _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_gra
     Nk = k.shape[2]
     DOT, ACC, PREC = _dtypes(q)
     do = _unit_last(do)
-    delta = torch.empty_like(lse)  # [B,H,Nq]
-    block = 256 if interpreting() else 64
-    grid_delta, flat = _grid(Nq, "BLOCK_M", B * H)
-    _attn_bwd_delta[grid_delta({"BLOCK_M": block})](o, do, delta, *_strides3(o), *_strides3(do), H, Nq,
-                                                    HEAD_DIM=D, ACC=ACC, FLAT=flat, BLOCK_M=block)
+    delta = torch.empty_like(lse)  # [B,H,Nq]: written by the dQ kernel, read by the dK/dV kernel after it
     dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, H, Nk, D, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, H, Nk, D, dtype=v.dtype, device=q.device)
@@ -725,12 +749,14 @@ def _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_gra
     extra, flags = _extra_args(q, bias, key_bias, gmm, H)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *extra, H, Nq, Nk,
               scale * 1.4426950408889634, scale)
+    grid_q, flat = _grid(Nq, "BLOCK_M", B * H)
     consts = dict(HEAD_DIM=D, FLAT=flat, DOT=DOT, ACC=ACC, PREC=PREC, **flags)
+    _attn_bwd_dq[grid_q](q, k, v, o, do, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v),
+                         *_strides3(o), *_strides3(do), *extra, H, Nq, Nk, scale * 1.4426950408889634, scale,
+                         **consts)  # first: it writes delta
     grid_kv, _ = _grid(Nk, "BLOCK_N", B * H)
     _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, dbias, dkb, *common,
                             BIAS_GRAD=bias_grad, KB_GRAD=kb_grad, **consts)
-    grid_q, _ = _grid(Nq, "BLOCK_M", B * H)
-    _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, *common, **consts)
     return dq, dk, dv, (dbias if bias_grad else None), (dkb if kb_grad else None)
 
 
