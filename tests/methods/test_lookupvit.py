@@ -244,3 +244,39 @@ def test_for_compare_on_a_tiny_vit():
     with torch.no_grad():
         assert out.model(x).shape == (2, 5)
     assert all(torch.equal(v, vit.state_dict()[k]) for k, v in before.items())
+
+
+def test_finetune_from_vit_scales_only_the_new_layers_lr(monkeypatch):
+    """The base's weights get fit's lr; gather, scatter and the lookup MLPs/norms get lr × new_lr_scale."""
+    import vitlab.train as vtrain
+    from vitlab.methods.efficient.lookupvit import NEW_LAYERS, finetune_from_vit
+
+    model = from_vit(tiny_vit(), compressed_grid=2)
+    seen = {}
+    orig = vtrain.fit
+
+    def spy(net, train, *args, optimizer=None, **kw):
+        opt = optimizer(net, kw["lr"], 0.05)
+        seen.update({id(p): g["lr"] for g in opt.param_groups for p in g["params"]})
+        return orig(net, train, *args, optimizer=optimizer, **kw)
+
+    monkeypatch.setattr(vtrain, "fit", spy)
+    data = (torch.rand(16, 3, 16, 16), torch.randint(0, 5, (16,)))
+    finetune_from_vit(model, data, grid=2, new_lr_scale=7.0, lr=1e-4, steps=2, batch_size=8)
+    for name, p in model.named_parameters():
+        new = any(part in NEW_LAYERS for part in name.split("."))
+        assert seen[id(p)] == pytest.approx(7e-4 if new else 1e-4), name
+    assert any(n.startswith("blocks.0.gather") for n, _ in model.named_parameters())
+    assert not model.training
+
+
+def test_for_compare_seeds_differ_and_repeat():
+    vit = tiny_vit()
+    torch.manual_seed(0)
+    train = (torch.rand(128, 3, 16, 16), torch.randint(0, 5, (128,)))
+    x = torch.rand(2, 3, 16, 16)
+    models = [for_compare(vit, train, "smoke", seed=s).model for s in (0, 0, 1)]
+    with torch.no_grad():
+        a, b, c = (m(x) for m in models)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)

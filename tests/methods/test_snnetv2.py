@@ -191,3 +191,46 @@ def test_for_compare_returns_a_sane_reduced(monkeypatch):
     assert isinstance(out, Reduced) and out.tokens_per_block is None and "SN-Netv2" in out.note
     assert not out.model.training and out.model(torch.rand(2, 3, 16, 16)).shape == (2, 5)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()), "base is not modified"
+
+
+def test_fit_snnet_goes_through_fit_with_the_stitch_lr_scale(monkeypatch):
+    """Anchors' weights at fit's lr, stitching layers at lr × stitch_lr_scale; exactly ``steps`` steps."""
+    import vitlab.train as vtrain
+
+    model = _pair()
+    x, y = torch.rand(32, 3, 16, 16), torch.randint(0, 5, (32,))
+    model.init_stitches(x[:8])
+    seen, calls = {}, {}
+    orig = vtrain.fit
+
+    def spy(net, train, *args, optimizer=None, **kw):
+        calls.update(kw)
+        opt = optimizer(net, kw["lr"], kw["weight_decay"])
+        seen.update({id(p): g["lr"] for g in opt.param_groups for p in g["params"]})
+        return orig(net, train, *args, optimizer=optimizer, **kw)
+
+    monkeypatch.setattr(vtrain, "fit", spy)
+    hist = fit_snnet(model, (x, y), steps=4, batch_size=8, lr=2e-4, stitch_lr_scale=5.0, groups=[[2], [6]])
+    assert calls["steps"] == 4 and calls["lr"] == 2e-4 and len(hist["config"]) == 4
+    stitch = {id(p) for p in model.stitch_layers.parameters()}
+    for p in model.parameters():
+        if p.requires_grad:
+            assert seen[id(p)] == pytest.approx(1e-3 if id(p) in stitch else 2e-4)
+    assert all(id(st.weight) not in seen for st in model.stitch_layers.values()), "the frozen W is not optimised"
+    with pytest.raises(ValueError, match="stitch_lr_scale"):
+        fit_snnet(model, (x, y), steps=1, batch_size=8, stitch_lr_scale=0, groups=[[2]])
+
+
+def test_for_compare_seed_changes_the_stitches(monkeypatch):
+    from vitlab import zoo
+    from vitlab.methods.efficient import snnetv2
+
+    monkeypatch.setattr(zoo, "get", lambda name, P=None, **kw: _vit(2, 16, seed=3))
+    monkeypatch.setattr(snnetv2, "SMALL_ANCHOR", {"smoke": "vit_nano_scenes"})
+    base, train = _vit(3, 24, seed=4), toy_train()
+    a, b, c = (snnetv2.for_compare(base, train, "smoke", seed=s) for s in (0, 0, 1))
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert a.extra["config"] == b.extra["config"], "the same seed picks the same stitch"
+        torch.testing.assert_close(a.model(x), b.model(x))
+        assert c.extra["config"] != a.extra["config"] or not torch.allclose(a.model(x), c.model(x))

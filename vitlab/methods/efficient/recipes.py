@@ -32,7 +32,7 @@ from vitlab import measure, zoo
 from vitlab.profiles import Profile
 from vitlab.profiles import profile as get_profile
 
-__all__ = ["METHODS", "Reduced", "base_model", "scenes", "finetune_steps", "finetune_kwargs", "seeds",
+__all__ = ["METHODS", "Reduced", "base_name", "base_model", "scenes", "finetune_steps", "finetune_kwargs", "seeds",
            "dense_control", "method_entry", "measure_row", "dense_tokens"]
 
 METHODS = ("evit", "diffrate", "sparsifiner", "sit", "mctf", "stvit", "gtp", "lookupvit", "repavit", "snnetv2",
@@ -61,21 +61,23 @@ def _gpu(P: Profile) -> bool:
     return P.name == "gpu"
 
 
-def _base_name(P: Profile) -> str:
-    return "vit_small_cifar100" if _gpu(P) else "vit_tiny_scenes"
+def base_name(profile: Profile | str | None = None) -> str:
+    """The zoo name of the chapter's base: ``vit_tiny_scenes`` offline, ``vit_small_cifar100`` on GPU (for its
+    record: ``zoo.get(base_name(P), P, return_info=True)``)."""
+    return "vit_small_cifar100" if _gpu(get_profile(profile)) else "vit_tiny_scenes"
 
 
 def base_model(profile: Profile | str | None = None) -> nn.Module:
     """The chapter's dense base ViT (eval mode): ``vit_tiny_scenes`` offline, ``vit_small_cifar100`` on GPU."""
     P = get_profile(profile)
-    return zoo.get(_base_name(P), P)
+    return zoo.get(base_name(P), P)
 
 
 def scenes(profile: Profile | str | None = None):
     """(train, val, test) exactly as the base model was trained on them: cluttered scenes 32 px RGB (20,000
     training scenes; the profile's ``max_train`` caps them), CIFAR-100 on GPU."""
     P = get_profile(profile)
-    recipe = zoo.ZOO[_base_name(P)]
+    recipe = zoo.ZOO[base_name(P)]
     return tuple(vdata.load(recipe.data, s, P, seed=recipe.seed, **recipe.data_kwargs,
                             **(recipe.train_kwargs if s == "train" else {})) for s in ("train", "val", "test"))
 
@@ -90,7 +92,7 @@ def finetune_kwargs(profile: Profile | str | None = None) -> dict:
     decay 0.05, 10 % warm-up then cosine, label smoothing 0.1, ±2 px shifts (±4 on CIFAR), batch 64,
     ``finetune_steps`` steps. The dense controls are trained with exactly these."""
     P = get_profile(profile)
-    fit_kwargs = dict(zoo.ZOO[f"{_base_name(P)}_ft0"].fit)
+    fit_kwargs = dict(zoo.ZOO[f"{base_name(P)}_ft0"].fit)
     fit_kwargs.pop("seed")
     return {**fit_kwargs, "steps": finetune_steps(P)}
 
@@ -106,7 +108,7 @@ def dense_control(seed: int, profile: Profile | str | None = None) -> nn.Module:
     P = get_profile(profile)
     if seed not in zoo.CONTROL_SEEDS:
         raise ValueError(f"dense_control: seed must be one of {zoo.CONTROL_SEEDS}, got {seed!r}")
-    return zoo.get(f"{_base_name(P)}_ft{seed}", P)
+    return zoo.get(f"{base_name(P)}_ft{seed}", P)
 
 
 def dense_tokens(model: nn.Module) -> int:

@@ -40,15 +40,16 @@ is more than ``gap`` FLOPs above the first of the current group. Each training s
 a configuration uniformly inside it, and trains it (anchors and stitching layers jointly, one configuration per
 batch). Drawing configurations uniformly instead would oversample the FLOPs range where configurations crowd.
 
-    model = SNNetv2(small, large, lora_r=8)            # anchors are used as given: pass copies to keep them
-    model.init_stitches(train.images[:64])              # least squares on one batch
-    history = fit_snnet(model, train, steps=300)        # joint fine-tune, FLOPs-grouped sampling
+    model = build(small, large, train, seed=s)          # copies of the anchors, least squares on one batch
+    history = fit_snnet(model, train, **recipes.finetune_kwargs(P), seed=s)   # joint, FLOPs-grouped sampling
     logits = model(images, config=3)                    # any configuration at run time
     deployable = model.extract(3)                       # one stitch as a plain module (LoRA merged)
 
-At small scale we differ from the paper in the budget (a few hundred steps, not 50 epochs), the optimiser
-(AdamW, not LAMB) and the FLOPs gap (a tenth of the anchors' FLOPs range: the official 1 GFLOPs is ~1/13 of the
-DeiT-S→B range), and we draw the LS batch without mixup.
+At small scale we differ from the paper in the budget (the chapter's fine-tune: 100 AdamW steps at lr 1e-4 in the
+cpu profile, not 50 epochs of LAMB), the FLOPs gap (a tenth of the anchors' FLOPs range: the official 1 GFLOPs is
+~1/13 of the DeiT-S→B range), the LoRA rank (8, not 64) and we draw the LS batch without mixup. The offline anchors
+are vit_nano_scenes (4 × 64, trained on 4,000 scenes) and the chapter's base vit_tiny_scenes (6 × 96, trained on
+20,000 scenes): same tokens and test set, different training sets.
 """
 from __future__ import annotations
 
@@ -63,12 +64,16 @@ from vitlab.checks import check_int as _check_int, check_model as _check_model
 
 __all__ = ["StitchConfig", "stitch_configs", "v1_configs", "selective_forward", "least_squares_stitch",
            "StitchLinear", "SNNetv2", "StitchedViT", "group_by_flops", "sample_config", "config_flops",
-           "evaluate_configs", "fit_snnet", "mid_config", "for_compare"]
+           "evaluate_configs", "fit_snnet", "mid_config", "build", "for_compare", "DEFAULTS"]
 
 KINDS = ("S", "L", "S→L", "L→S", "L→S→L", "S→L→S")
 # The small anchor stitched to the chapter's base (recipes.base_model): vit_nano_scenes offline; on GPU a smaller
 # CIFAR-100 ViT than vit_small_cifar100 (a zoo entry the course still has to add).
 SMALL_ANCHOR = {"smoke": "vit_nano_scenes", "cpu": "vit_nano_scenes", "gpu": "vit_tiny_cifar100"}
+# The lesson's and the comparison's settings. The anchors' weights always train with the chapter's fine-tune
+# (recipes.finetune_kwargs: AdamW lr 1e-4, finetune_steps(P) steps); the stitching layers are new parameters and
+# train at that lr times stitch_lr_scale (1: the official code trains anchors and stitches at one lr).
+DEFAULTS = dict(lora_r=8, gap_fraction=0.1, stitch_lr_scale=1.0, ls_images=64, pick_images=256)
 
 
 # ------------------------------------------------------------------------------------------------ configurations
@@ -413,50 +418,55 @@ def evaluate_configs(model: SNNetv2, data, configs=None, *, batch_size: int = 50
 
 # ------------------------------------------------------------------------------------------------ training
 def fit_snnet(model: SNNetv2, train, *, steps: int, groups: list[list[int]] | None = None,
-              flops: list[int] | None = None, gap_fraction: float = 0.1, lr: float = 1e-4,
-              weight_decay: float = 0.05, batch_size: int = 64, shift: int = 2, seed: int = 0,
-              progress: bool = False, desc: str = "snnetv2") -> dict:
-    """Joint fine-tune of anchors and stitching layers for exactly ``steps`` AdamW steps (cosine schedule,
-    ±``shift`` px shifts, label smoothing 0.1). Every step trains one configuration drawn by ``sample_config``
+              flops: list[int] | None = None, gap_fraction: float | None = None, lr: float = 1e-4,
+              stitch_lr_scale: float | None = None, weight_decay: float = 0.05, warmup: float = 0.1,
+              label_smoothing: float = 0.1, batch_size: int = 64, shift: int = 2, seed: int = 0,
+              profile=None, progress: bool = False, desc: str = "snnetv2") -> dict:
+    """Joint fine-tune of anchors and stitching layers: ``vitlab.train.fit`` for exactly ``steps`` steps (AdamW,
+    warm-up + cosine, label smoothing, ±``shift`` px shifts: pass ``**recipes.finetune_kwargs(P)`` for the
+    chapter's recipe), with a ``step_fn`` that trains one configuration per batch, drawn by ``sample_config``
     from FLOPs ``groups`` (default: ``group_by_flops`` of ``flops``, counted if not given, with gap =
-    ``gap_fraction`` × the anchors' FLOPs range). Returns a history: ``loss`` and ``config`` per step, ``groups``."""
-    from tqdm.auto import tqdm
-    from vitlab.train import lr_lambda, make_optimizer, random_shift
+    ``gap_fraction`` × the anchors' FLOPs range). The anchors' weights train at ``lr``; the stitching layers at
+    ``lr × stitch_lr_scale`` (``DEFAULTS``). Returns fit's history plus ``config`` (one per step) and ``groups``."""
+    from vitlab.train import fit, make_optimizer
 
     if not isinstance(model, SNNetv2):
         raise TypeError(f"fit_snnet: model must be an SNNetv2, got {type(model).__name__}")
     _check_int(steps, "steps", "fit_snnet")
-    _check_int(batch_size, "batch_size", "fit_snnet")
-    _check_int(shift, "shift", "fit_snnet", low=0)
-    images, labels = (train.images, train.labels) if hasattr(train, "images") else train
+    gap_fraction = DEFAULTS["gap_fraction"] if gap_fraction is None else gap_fraction
+    scale = DEFAULTS["stitch_lr_scale"] if stitch_lr_scale is None else stitch_lr_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"fit_snnet: stitch_lr_scale must be a positive number, got {scale!r}")
+    images = train.images if hasattr(train, "images") else train[0]
     if groups is None:
         flops = config_flops(model, images[:1]) if flops is None else flops
         groups = group_by_flops(flops, gap_fraction * (max(flops) - min(flops)))
     gen = torch.Generator().manual_seed(seed)
-    dev = next(model.parameters()).device
-    opt = make_optimizer(model, "adamw", lr, weight_decay)  # frozen stitch weights W are left out
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 0))
-    history = {"loss": [], "config": [], "groups": groups}
-    perm, pos = torch.randperm(len(images), generator=gen), 0
-    model.train()
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        if pos + batch_size > len(perm):
-            perm, pos = torch.randperm(len(images), generator=gen), 0
-        idx, pos = perm[pos:pos + batch_size], pos + batch_size
-        x, y = images[idx], labels[idx]
-        if shift:
-            x = random_shift(x, torch.randint(-shift, shift + 1, (len(idx), 2), generator=gen))
-        c = sample_config(groups, gen)  # resource-constrained sampling: a FLOPs group, then a config in it
-        loss = F.cross_entropy(model(x.to(dev), config=c), y.to(dev), label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        history["loss"].append(loss.item())
-        history["config"].append(c)
+    drawn = []
+
+    def step_fn(net, x, y):  # resource-constrained sampling: a FLOPs group, then a configuration in it
+        c = sample_config(groups, gen)
+        drawn.append(c)
+        logits = net(x, config=c)
+        return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), logits
+
+    def optimizer(net, base_lr, wd):  # timm's AdamW groups (no decay on norms, biases, tokens; frozen W left out)
+        opt = make_optimizer(net, "adamw", base_lr, wd)
+        stitch = {id(p) for p in net.stitch_layers.parameters()}
+        groups_out = []
+        for g in opt.param_groups:  # split each group into anchor and stitch parameters
+            for is_stitch in (False, True):
+                ps = [p for p in g["params"] if (id(p) in stitch) == is_stitch]
+                if ps:
+                    groups_out.append({**{k: v for k, v in g.items() if k != "params"}, "params": ps,
+                                       "lr": base_lr * (scale if is_stitch else 1.0)})
+        return torch.optim.AdamW(groups_out, lr=base_lr)
+
+    hist = fit(model, train, profile=profile, steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup,
+               label_smoothing=label_smoothing, batch_size=batch_size, shift=shift, seed=seed, step_fn=step_fn,
+               optimizer=optimizer, progress=progress, desc=desc)
     model.eval()
-    return history
+    return {**hist, "config": drawn, "groups": groups}
 
 
 def mid_config(flops: list[int], model: SNNetv2, data=None, *, window: float = 0.1) -> int:
@@ -477,34 +487,41 @@ def mid_config(flops: list[int], model: SNNetv2, data=None, *, window: float = 0
 
 
 # ------------------------------------------------------------------------------------------------ comparison entry
-def for_compare(base, train, profile):
+def build(small: nn.Module, large: nn.Module, train, *, seed: int = 0) -> SNNetv2:
+    """SNNetv2 on copies of the anchors (they are not changed), ``DEFAULTS['lora_r']``, every stitching layer
+    fitted by least squares on ``DEFAULTS['ls_images']`` training images drawn with ``seed``."""
+    model = SNNetv2(copy.deepcopy(small), copy.deepcopy(large), lora_r=DEFAULTS["lora_r"])
+    g = torch.Generator().manual_seed(seed)
+    return model.init_stitches(train.images[torch.randperm(len(train.images), generator=g)[:DEFAULTS["ls_images"]]])
+
+
+def for_compare(base, train, profile, *, seed: int = 0):
     """SN-Netv2 on the chapter's base: S = the zoo's ``SMALL_ANCHOR[profile]`` (``vit_nano_scenes`` offline),
-    L = a copy of ``base``; least-squares init on 64 training images, then
-    ``finetune_steps(profile)`` joint steps (batch 64) with FLOPs-grouped sampling over all 15 configurations.
-    Returned: ``mid_config``'s stitch, the most accurate on 256 training images among those within ±10 % of
-    the FLOPs range around the anchors' mean FLOPs (for vit_nano + vit_tiny: S[0..1]→L[3..4]→S[3..3],
-    S[0..1]→L[3..5], L[0..2]→S[2..3], S[0..0]→L[2..4]→S[3..3] or L[0..1]→S[1..2]→L[5..5], 20-23 M MACs against
-    10.9 and 33.9), deployed with its LoRA merged. The note names the one chosen."""
+    L = a copy of ``base``; ``build`` (least squares on 64 training images), then the chapter's fine-tune
+    (``recipes.finetune_kwargs(profile)``, ``seed``) jointly over all 15 configurations with FLOPs-grouped
+    sampling (``fit_snnet``). Returned: ``mid_config``'s stitch, the most accurate on 256 training images among
+    those within ±10 % of the anchors' FLOPs range around their mean FLOPs, deployed with its LoRA merged. The
+    note names the one chosen."""
     from vitlab import seed_everything, zoo
-    from vitlab.methods.efficient.recipes import Reduced, finetune_steps
+    from vitlab.methods.efficient.recipes import Reduced, finetune_kwargs
     from vitlab.profiles import profile as get_profile
 
     P = get_profile(profile)
     _check_model(base, "for_compare")
-    seed_everything(0)
+    _check_int(seed, "seed", "for_compare", low=0)
+    seed_everything(seed)
     name = SMALL_ANCHOR.get(P.name, "vit_nano_scenes")
     if name not in zoo.ZOO:
         raise ValueError(f"for_compare: the small anchor {name!r} for profile {P.name!r} is not in the zoo")
-    small = zoo.get(name, P)
-    model = SNNetv2(copy.deepcopy(small), copy.deepcopy(base), lora_r=8)
-    g = torch.Generator().manual_seed(0)
-    model.init_stitches(train.images[torch.randperm(len(train.images), generator=g)[:64]])
+    model = build(zoo.get(name, P), base, train, seed=seed)
     flops = config_flops(model, train.images[:1])
-    fit_snnet(model, train, steps=finetune_steps(P), flops=flops)
-    pick = torch.randperm(len(train.images), generator=g)[:256]
+    kw = finetune_kwargs(P)
+    fit_snnet(model, train, flops=flops, **kw, seed=seed, profile=P)
+    pick = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(seed + 1))
+    pick = pick[:DEFAULTS["pick_images"]]
     c = mid_config(flops, model, (train.images[pick], train.labels[pick]))
     out = model.extract(c)
     return Reduced(out.eval(), None, None,
-                   f"SN-Netv2 stitch {model.configs[c].label} of vit_nano+vit_tiny (LS init, "
-                   f"{finetune_steps(P)} joint steps over {len(model.configs)} configs)",
+                   f"SN-Netv2 stitch {model.configs[c].label} of {name}+base (LS init, {kw['steps']} joint "
+                   f"steps over {len(model.configs)} configs)",
                    extra={"config": c, "label": model.configs[c].label})
