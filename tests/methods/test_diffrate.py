@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vitlab.methods.efficient.diffrate import (DDP, DiffRateViT, UniformMerge, _policy_attention, for_compare,
+from vitlab.methods.efficient.diffrate import (DEFAULTS, DDP, DiffRateViT, UniformMerge, _policy_attention, for_compare,
                                                merge_tail, search, softmax_with_policy, ste_ceil, ste_min,
-                                               uniform_merge_schedule, vit_macs)
+                                               search_steps, uniform_merge_schedule, vit_macs)
 from vitlab.methods.efficient.recipes import Reduced, finetune_steps
 from vitlab.models import VisionTransformer
 
@@ -278,7 +278,26 @@ def test_for_compare_on_a_tiny_model():
     assert all(a >= b for a, b in zip(out.tokens_per_block, out.tokens_per_block[1:]))
     assert 0 < out.extra["relative_flops"] < 1 and "prune" in out.note
     assert out.model(data.images[:2]).shape == (2, 5)
-    assert finetune_steps("smoke") > 0
+    assert out.extra["search_steps"] == search_steps("smoke") == DEFAULTS["steps"]["smoke"]
+
+
+def test_for_compare_trains_only_the_rates_and_takes_a_seed():
+    vit = _vit()
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    data = SimpleNamespace(images=torch.randn(256, 3, 16, 16), labels=torch.randint(0, 5, (256,)))
+    a, b = for_compare(vit, data, "smoke", seed=0), for_compare(vit, data, "smoke", seed=0)
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())  # the backbone is frozen
+    assert a.extra["schedule"] == b.extra["schedule"]  # same seed, same search
+    assert all(torch.equal(p, q) for p, q in zip(a.model.arch_parameters(), b.model.arch_parameters()))
+    c = for_compare(vit, data, "smoke", seed=1)
+    assert not all(torch.equal(p, q) for p, q in zip(a.model.arch_parameters(), c.model.arch_parameters()))
+    with pytest.raises(ValueError, match="seed"):
+        for_compare(vit, data, "smoke", seed=-1)
+
+
+def test_defaults_are_the_papers_search_recipe():
+    assert (DEFAULTS["lr"], DEFAULTS["min_lr"], DEFAULTS["granularity"]) == (0.01, 0.001, 4)
+    assert search_steps("cpu") <= finetune_steps("cpu")  # a search costs at most one chapter fine-tune
 
 
 def test_fate_counts_match_the_schedule():

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from vitlab.methods.efficient.dimap import (MODULE_KINDS, apply_masks_, dimap_importance,
+from vitlab.methods.efficient.dimap import (DEFAULTS, MODULE_KINDS, apply_masks_, dimap_importance,
                                             dimap_importance_bruteforce, finetune_masked, module_groups,
                                             module_sparsity, prunable, prune_masks, sparsity, tiny_swin)
 from vitlab.methods.efficient.recipes import Reduced
@@ -104,9 +104,27 @@ def test_masked_finetune_keeps_pruned_weights_zero():
     model = _vit()
     masks = prune_masks(model, 0.7, "dimap")
     x, y = torch.rand(16, 3, 16, 16), torch.randint(0, 5, (16,))
-    losses = finetune_masked(model, masks, (x, y), steps=3, batch_size=8)
-    assert len(losses) == 3 and not model.training
+    before = {n: p.detach().clone() for n, p in prunable(model).items()}
+    hist = finetune_masked(model, masks, (x, y), "smoke", steps=3, batch_size=8)
+    assert hist["step"][-1] == 3 and not model.training
     assert all((p[~masks[n]] == 0).all() for n, p in prunable(model).items())
+    assert any(not torch.equal(p[masks[n]], before[n][masks[n]]) for n, p in prunable(model).items())  # kept ones train
+    assert not any("parametrizations" in n for n, _ in model.named_parameters())  # the mask is folded back in
+
+
+def test_masked_finetune_is_the_chapter_recipe():
+    """Same arguments as the dense control: with nothing pruned, the masked fine-tune IS fit(**finetune_kwargs)."""
+    from vitlab.methods.efficient.recipes import finetune_kwargs
+    from vitlab.train import fit
+
+    a, b = _vit(), _vit()
+    x, y = torch.rand(16, 3, 16, 16), torch.randint(0, 5, (16,))
+    none = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable(a).items()}
+    finetune_masked(a, none, (x, y), "smoke", seed=1, batch_size=8)
+    fit(b, (x, y), None, profile="smoke", seed=1, progress=False, **{**finetune_kwargs("smoke"), "batch_size": 8})
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+    assert finetune_kwargs("smoke")["lr"] == 1e-4
 
 
 def test_for_compare_returns_a_sane_reduced():
@@ -120,3 +138,17 @@ def test_for_compare_returns_a_sane_reduced():
     assert abs(out.extra["sparsity"] - 0.5) < 1e-3 and out.extra["nonzero_gflops"] < out.extra["dense_gflops"]
     assert not out.model.training and out.model(torch.rand(2, 3, 16, 16)).shape == (2, 5)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()), "base is not modified"
+
+
+def test_for_compare_takes_a_seed_and_keeps_the_mask():
+    from vitlab.methods.efficient import dimap
+
+    base, train = _vit(), toy_train()
+    a, b = dimap.for_compare(base, train, "smoke", seed=0), dimap.for_compare(base, train, "smoke", seed=1)
+    pa, pb = prunable(a.model), prunable(b.model)
+    assert any(not torch.equal(pa[n], pb[n]) for n in pa)  # the seed sets the batches and shifts
+    masks = prune_masks(base, DEFAULTS["sparsity"], DEFAULTS["method"])
+    assert all(torch.equal(pa[n] != 0, masks[n] & (pa[n] != 0)) and (pa[n][~masks[n]] == 0).all() for n in pa)
+    with pytest.raises(ValueError, match="seed"):
+        dimap.for_compare(base, train, "smoke", seed=-1)
+

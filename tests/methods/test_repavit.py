@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 from vitlab import measure
-from vitlab.methods.efficient.recipes import Reduced
-from vitlab.methods.efficient.repavit import (RePaBlock, RePaLinearMlp, RePaMlp, _line_fit, _set_bn_affine,
+from vitlab.methods.efficient.recipes import Reduced, finetune_steps
+from vitlab.methods.efficient.repavit import (DEFAULTS, RePaBlock, RePaLinearMlp, RePaMlp, _line_fit, _set_bn_affine,
                                               active_channels, ffn_params, for_compare, idle_ratios, match_base_,
                                               recalibrate_bn, reparameterize, to_repa)
 from model_helpers import tiny_vit
@@ -172,6 +172,25 @@ def test_for_compare_on_a_tiny_model():
     assert measure.count_params(out.model) < measure.count_params(base)
     assert out.model(torch.rand(2, 3, 16, 16)).shape == (2, 3)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():  # the training graph it returns computes the same eval outputs as the deployed model
+        assert torch.allclose(out.extra["train_graph"](x), out.model(x), atol=1e-4)
+    assert out.extra["history"]["step"][-1] == finetune_steps("smoke")  # the chapter's fine-tune length
+
+
+def test_for_compare_fine_tunes_with_the_chapter_recipe_and_a_seed():
+    from vitlab.methods.efficient.recipes import finetune_kwargs
+
+    base = _vit()
+    g = torch.Generator().manual_seed(0)
+    data = (torch.rand(128, 3, 16, 16, generator=g), torch.randint(0, 3, (128,), generator=g))
+    a, b = for_compare(base, data, "smoke", seed=0), for_compare(base, data, "smoke", seed=1)
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        assert not torch.allclose(a.model(x), b.model(x))  # the seed sets the batches
+    assert finetune_kwargs("smoke")["lr"] == 1e-4 and DEFAULTS["idle_ratio"] == 0.75 and "lr" not in DEFAULTS
+    with pytest.raises(ValueError, match="seed"):
+        for_compare(base, data, "smoke", seed=-1)
 
 
 def test_bad_arguments():

@@ -27,7 +27,7 @@ layers whose weights happen to be small, although they matter as much *locally*.
 
     masks = prune_masks(model, 0.5, "dimap")      # also "global" (magnitude) and "layer" (same % in every layer)
     apply_masks_(model, masks)
-    finetune_masked(model, masks, train, steps=300)
+    finetune_masked(model, masks, train, P, seed=0)   # the chapter's fine-tune (recipes.finetune_kwargs), mask fixed
 
 Our reading. The summary formula Imp(W_{p_j}) = W_{p_j}² / Σ_{i≤p_j} W_i² is ambiguous about the sort order;
 sorted ascending, the smallest weight of each module would get Imp = 1 and the ranking would favour small weights,
@@ -47,12 +47,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from vitlab.checks import check_int as _check_int, check_model as _check_model
 
-__all__ = ["MODULE_KINDS", "METHODS", "tiny_swin", "prunable", "module_groups", "dimap_importance",
+__all__ = ["DEFAULTS", "MODULE_KINDS", "METHODS", "tiny_swin", "prunable", "module_groups", "dimap_importance",
            "dimap_importance_bruteforce", "prune_masks", "apply_masks_", "sparsity", "module_sparsity",
            "finetune_masked", "for_compare"]
 
 MODULE_KINDS = ("QKV-M", "PRJ-M", "MLP-M", "AUX-M")
 METHODS = ("dimap", "global", "layer")
+# The lesson's default setting (``for_compare`` reads the same): half of all Linear/Conv weights removed by the global
+# DIMAP ranking, then the chapter's fine-tune with the mask fixed. DIMAP adds no trained parameters, so no lr here:
+# the masked fine-tune is ``recipes.finetune_kwargs`` (the dense control's recipe).
+DEFAULTS = dict(sparsity=0.5, method="dimap")
 
 
 def tiny_swin(num_classes: int = 10, img_size: int = 32, in_chans: int = 3, *, patch_size: int = 2,
@@ -207,71 +211,83 @@ def module_sparsity(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[st
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
-def finetune_masked(model: nn.Module, masks: dict[str, torch.Tensor], train, *, steps: int, lr: float = 5e-4,
-                    weight_decay: float = 0.05, batch_size: int = 64, shift: int = 2, seed: int = 0,
-                    progress: bool = False) -> list[float]:
-    """``steps`` AdamW steps (cosine schedule, label smoothing 0.1) with the pruned weights kept at zero (the
-    mask is re-applied after every step). Returns the loss per step; leaves ``model`` in eval mode."""
-    from tqdm.auto import tqdm
-    from vitlab.train import lr_lambda, make_optimizer, random_shift
+class _Masked(nn.Module):
+    """Parametrisation weight = original · mask: the pruned weights are zero in every forward pass and get no
+    gradient, so neither the optimiser's momentum nor its weight decay can move them."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def finetune_masked(model: nn.Module, masks: dict[str, torch.Tensor], train, profile=None, *, seed: int = 0,
+                    progress: bool = False, **fit_overrides) -> dict:
+    """Fine-tune ``model`` with the pruned weights held at zero: ``vitlab.train.fit`` with the chapter's recipe
+    ``recipes.finetune_kwargs(profile)`` (AdamW lr 1e-4, warm-up, cosine, label smoothing, ±2 px shifts, batch 64,
+    ``finetune_steps`` steps: exactly the dense control's arguments) and ``seed``. ``fit_overrides`` replace recipe
+    entries (e.g. ``steps`` in a unit test; a lesson's claim against the dense control must not use them).
+
+    The masks enter as a parametrisation (weight = original · mask) for the length of the fit, then are folded
+    in, so the pruned weights are exactly zero afterwards. Returns fit's history; leaves ``model`` in eval mode."""
+    from torch.nn.utils import parametrize
+
+    from vitlab.methods.efficient.recipes import finetune_kwargs
+    from vitlab.train import fit
 
     _check_model(model, "finetune_masked")
-    _check_int(steps, "steps", "finetune_masked")
-    _check_int(batch_size, "batch_size", "finetune_masked")
-    images, labels = (train.images, train.labels) if hasattr(train, "images") else train
-    gen = torch.Generator().manual_seed(seed)
-    dev = next(model.parameters()).device
-    opt = make_optimizer(model, "adamw", lr, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 0))
-    apply_masks_(model, masks)
-    losses, perm, pos = [], torch.randperm(len(images), generator=gen), 0
-    model.train()
-    for _ in tqdm(range(steps), desc="masked fine-tune", disable=not progress, leave=False):
-        if pos + batch_size > len(perm):
-            perm, pos = torch.randperm(len(images), generator=gen), 0
-        idx, pos = perm[pos:pos + batch_size], pos + batch_size
-        x = images[idx]
-        if shift:
-            x = random_shift(x, torch.randint(-shift, shift + 1, (len(idx), 2), generator=gen))
-        loss = F.cross_entropy(model(x.to(dev)), labels[idx].to(dev), label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        apply_masks_(model, masks)  # pruned weights stay zero (AdamW's decay and momentum would move them)
-        losses.append(loss.item())
-    model.eval()
-    return losses
+    _check_int(seed, "seed", "finetune_masked", low=0)
+    if not isinstance(masks, dict) or not masks:
+        raise TypeError(f"finetune_masked: masks must be a non-empty dict name -> bool mask, got {type(masks).__name__}")
+    apply_masks_(model, masks)  # also checks every mask against the model
+    kwargs = {**finetune_kwargs(profile), **fit_overrides}
+    mods = []
+    for name, m in masks.items():
+        mod = model.get_submodule(name[:-len(".weight")] if name.endswith(".weight") else "")
+        w = mod.weight
+        parametrize.register_parametrization(mod, "weight", _Masked(m.to(w.device, w.dtype)))
+        mods.append(mod)
+    try:
+        hist = fit(model, train, None, profile=profile, seed=seed, progress=progress, desc="masked fine-tune",
+                   **kwargs)
+    finally:
+        for mod in mods:
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+    return hist
 
 
 # ------------------------------------------------------------------------------------------------ comparison entry
-def for_compare(base, train, profile):
-    """DIMAP on the chapter's base ViT: modules qkv / proj / mlp per block and AUX (patch embedding, head), 50 %
-    of all Linear/Conv weights removed by the global Imp ranking, then ``finetune_steps(profile)`` masked steps.
+def for_compare(base, train, profile, *, seed: int = 0):
+    """DIMAP at the lesson's default (``DEFAULTS``) on the chapter's base ViT: modules qkv / proj / mlp per block and
+    AUX (patch embedding, head), 50 % of all Linear/Conv weights removed by the global Imp ranking, then the chapter's
+    fine-tune with the mask fixed (``finetune_masked``: ``recipes.finetune_kwargs(profile)``, ``seed``), so that
+    ``recipes.dense_control(seed, profile)`` is its equal-step control.
 
     FLOPs: unstructured zeros are not faster on dense hardware, so we leave ``gflops`` None (the flop counter
     reports the dense model's GFLOPs, which is what it costs to run) and say so in the note; ``extra`` holds the
     GFLOPs one would count if every zero weight were skipped."""
-    from vitlab import measure, seed_everything
+    from vitlab import measure
     from vitlab.methods.efficient.recipes import Reduced, finetune_steps
     from vitlab.profiles import profile as get_profile
 
     P = get_profile(profile)
     _check_model(base, "for_compare")
-    seed_everything(0)
+    _check_int(seed, "seed", "for_compare", low=0)
     model = copy.deepcopy(base)
-    masks = prune_masks(model, 0.5, "dimap")
+    masks = prune_masks(model, DEFAULTS["sparsity"], DEFAULTS["method"])
     steps = finetune_steps(P)
-    finetune_masked(model, masks, train, steps=steps)
+    finetune_masked(model, masks, train, P, seed=seed)
     dense = measure.flops(model, train.images[:2]) / 1e9
     params = prunable(model)
     lin = sum(2 * int(m.sum()) * _tokens(model, n) for n, m in masks.items())  # kept MACs of the masked layers
     full = sum(2 * m.numel() * _tokens(model, n) for n, m in masks.items())
     nonzero = dense - (full - lin) / 1e9
     return Reduced(model.eval(), None, None,
-                   f"DIMAP 50 % unstructured sparsity, {steps} masked steps; dense GFLOPs shown (zeros are not "
-                   f"faster on dense hardware; {nonzero:.4f} GFLOPs if zeros were skipped)",
+                   f"DIMAP {DEFAULTS['sparsity']:.0%} unstructured sparsity, {steps} masked steps (chapter recipe); "
+                   f"dense GFLOPs shown (zeros are not faster on dense hardware; {nonzero:.4f} GFLOPs if zeros were "
+                   f"skipped)",
                    extra={"sparsity": sparsity(masks), "nonzero_gflops": nonzero, "dense_gflops": dense,
                           "params_nonzero": sum(int((p != 0).sum()) for p in params.values())})
 

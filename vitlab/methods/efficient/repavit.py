@@ -23,7 +23,7 @@ LayerNorm before the FFN becomes BatchNorm (foldable); attention is untouched.
 
     model = to_repa(base, idle_ratio=0.75)            # a copy; FFNs → RePaMlp initialised from the base's FFNs
     match_base_(model, base, train.images[:512])      # BNs fitted to the LayerNorm and to the idle GELUs
-    fit(model, train, ...)                            # train (from scratch or fine-tune)
+    fit(model, train, **finetune_kwargs(P), seed=0)   # the chapter's fine-tune (the dense control's recipe)
     recalibrate_bn(model, train.images[:512])         # BN running statistics re-estimated on clean images
     fast = reparameterize(model)                      # a copy with RePaLinearMlp: same outputs, fewer FLOPs
 """
@@ -43,10 +43,15 @@ if TYPE_CHECKING:
     from vitlab.methods.efficient.recipes import Reduced
 from vitlab.models.vit import Block
 
-__all__ = ["RePaMlp", "RePaLinearMlp", "RePaBlock", "active_channels", "idle_ratios", "to_repa", "match_base_",
-           "reparameterize", "recalibrate_bn", "ffn_params", "for_compare"]
+__all__ = ["DEFAULTS", "RePaMlp", "RePaLinearMlp", "RePaBlock", "active_channels", "idle_ratios", "to_repa", "match_base_",
+           "reparameterize", "recalibrate_bn", "ffn_params", "calibration_images", "for_compare"]
 
 HEURISTICS = ("static", "linear")
+# The lesson's setting (``for_compare`` reads the same): the paper's idle ratio, and how many training images (a fixed
+# draw) fit the BNs to the base (``match_base_``) and re-estimate their statistics after training. RePaViT adds no
+# parameter with its own lr: the fine-tune is the chapter's (``recipes.finetune_kwargs``, lr 1e-4), the dense
+# control's recipe. (The paper trains from scratch, so it sets no fine-tune lr to follow.)
+DEFAULTS = dict(idle_ratio=0.75, calib=512)
 
 
 def _check_idle(idle_ratio, fn: str) -> float:
@@ -340,29 +345,33 @@ def ffn_params(dim: int, hidden: int, idle_ratio: float, *, deployed: bool = Tru
 
 
 # ------------------------------------------------------------------------------------------------ comparison
-def for_compare(base: nn.Module, train, profile) -> "Reduced":
-    """RePaViT at idle ratio 0.75 built from the chapter's base: attention and embeddings copied, each RePa FFN
-    initialised from the base FFN (fc1, fc2; BNs fitted to the LayerNorm and to the lost GELU by ``match_base_`` on
-    256 training images), ``finetune_steps(profile)`` AdamW steps of batch 64, BN statistics recalibrated, then
-    reparameterised."""
-    from vitlab.methods.efficient.recipes import Reduced, finetune_steps
-    from vitlab.seed import seed_everything
+def calibration_images(train, n: int = DEFAULTS["calib"]) -> torch.Tensor:
+    """A fixed draw (generator seed 0) of ``n`` training images for ``match_base_`` and ``recalibrate_bn``."""
+    images = train.images if hasattr(train, "images") else train[0]
+    _check_int(n, "n", "calibration_images")
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]]
+
+
+def for_compare(base: nn.Module, train, profile, *, seed: int = 0) -> "Reduced":
+    """RePaViT at the lesson's setting (``DEFAULTS``: idle ratio 0.75) built from the chapter's base: attention and
+    embeddings copied, each RePa FFN initialised from the base FFN (fc1, fc2; BNs fitted to the LayerNorm and to the
+    lost GELU by ``match_base_`` on 512 training images), the chapter's fine-tune ``fit(model, train,
+    **recipes.finetune_kwargs(profile), seed=seed)`` (so ``recipes.dense_control(seed, profile)`` is its equal-step
+    control), BN statistics recalibrated, then reparameterised. ``extra["train_graph"]`` is the model before
+    reparameterisation (same eval outputs)."""
+    from vitlab.methods.efficient.recipes import Reduced, finetune_kwargs, finetune_steps
     from vitlab.train import fit
 
     _check_model(base, "for_compare")
+    _check_int(seed, "seed", "for_compare", low=0)
     steps = finetune_steps(profile)
-    images, labels = (train.images, train.labels) if hasattr(train, "images") else train
-    seed_everything(0)
-    model = to_repa(base, 0.75)
-    calib = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:256]]
-    match_base_(model, base, calib)
-    per_epoch = max(1, len(images) // 64)
-    epochs = next(e for e in range(math.ceil(steps / per_epoch), steps + 1) if steps % e == 0)
-    sub = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))[:steps // epochs * 64]
-    fit(model, (images[sub], labels[sub]), None, profile=profile, epochs=epochs, batch_size=64, lr=1e-4, shift=2,
-        seed=0, progress=False, desc="RePaViT")
+    calib = calibration_images(train)
+    model = match_base_(to_repa(base, DEFAULTS["idle_ratio"]), base, calib)
+    hist = fit(model, train, None, profile=profile, **finetune_kwargs(profile), seed=seed, progress=False,
+               desc="RePaViT")
     recalibrate_bn(model, calib)
     fast = reparameterize(model)
-    return Reduced(fast, None, None, f"idle 0.75 ({model.blocks[0].mlp.act_channels} of "
-                                     f"{model.blocks[0].mlp.fc1.out_features} hidden channels active), converted from the "
-                                     f"base (BNs fitted), {steps} fine-tune steps, reparameterised")
+    a, h = model.blocks[0].mlp.act_channels, model.blocks[0].mlp.fc1.out_features
+    return Reduced(fast, None, None, f"idle {DEFAULTS['idle_ratio']} ({a} of {h} hidden channels active), converted "
+                                     f"from the base (BNs fitted), {steps} fine-tune steps (chapter recipe), "
+                                     f"reparameterised", extra={"train_graph": model.eval(), "history": hist})
