@@ -27,18 +27,12 @@ LESSON_SECONDS, COMPARE_SECONDS = 300, 900
 # Committed outputs not yet re-run in the cpu profile under the experimental standard (issue 10).
 PENDING_RERUN = {
     "notebooks/2_efficient/compare.ipynb",
-    "notebooks/2_efficient/evit.ipynb",
-    "notebooks/2_efficient/gtp.ipynb",
-    "notebooks/2_efficient/mctf.ipynb",
     "notebooks/2_efficient/sit.ipynb",
     "notebooks/2_efficient/sparsifiner.ipynb",
     "notebooks/2_efficient/stvit.ipynb",
 }
 # Prose under "Reading the results" / "What we verified" that still types numbers (issue 10).
 PENDING_PROSE = {
-    "notebooks/2_efficient/evit.ipynb",
-    "notebooks/2_efficient/gtp.ipynb",
-    "notebooks/2_efficient/mctf.ipynb",
     "notebooks/2_efficient/sit.ipynb",
     "notebooks/2_efficient/stvit.ipynb",
 }

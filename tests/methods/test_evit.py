@@ -182,3 +182,26 @@ def test_bad_arguments():
         keep_rate_schedule(-1, 10, 0.5)
     with pytest.raises(TypeError, match="model"):
         finetune(vit, (torch.rand(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)), steps=1)
+
+
+def test_finetune_uses_the_chapter_recipe_exactly(monkeypatch):
+    """EViT's fine-tune is fit(**recipes.finetune_kwargs(P), seed=s): the dense control's arguments, plus a step_fn."""
+    import vitlab.train
+    from vitlab.methods.efficient import recipes
+
+    seen = {}
+
+    def fake_fit(model, train, val=None, **kw):
+        seen.update(kw)
+        return {"step": [kw["steps"]], "seconds": [0.0]}
+
+    monkeypatch.setattr(vitlab.train, "fit", fake_fit)
+    base = _vit(depth=4)
+    out = for_compare(base, (torch.rand(8, 3, 16, 16), torch.zeros(8, dtype=torch.long)), "cpu", seed=2)
+    step_fn = seen.pop("step_fn")
+    assert callable(step_fn) and seen.pop("seed") == 2 and seen.pop("profile") == "cpu"
+    seen.pop("progress"), seen.pop("desc")
+    assert seen == recipes.finetune_kwargs("cpu"), "the control's lr, steps, batch, schedule, shift and smoothing"
+    assert "history" in out.extra and "seed 2" in out.note
+    with pytest.raises(TypeError, match="seed"):
+        for_compare(base, None, "smoke", seed=1.5)

@@ -138,7 +138,7 @@ def test_for_compare_on_a_tiny_model():
     out = for_compare(base, None, "smoke")
     assert isinstance(out, Reduced) and not out.model.training
     out.model(torch.rand(2, 3, 16, 16))
-    assert out.tokens_per_block == [float(t) for t in out.model.last_tokens] == [17.0, 7.0, 2.0, 2.0]
+    assert out.tokens_per_block == [float(t) for t in out.model.last_tokens] == [17.0, 13.0, 9.0, 5.0]  # P = 4
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -172,3 +172,16 @@ def test_bad_arguments():
         mixed_attn_max(torch.rand(1, 2, 4), torch.rand(1, 2, 5))
     with pytest.raises(ValueError, match="adj"):
         normalize_graph(torch.rand(3, 3))
+
+
+def test_for_compare_seed_and_defaults():
+    from vitlab.methods.efficient.gtp import DEFAULTS
+
+    base = _vit(depth=4)
+    a, b = for_compare(base, None, "cpu", seed=0).model, for_compare(base, None, "cpu", seed=2).model
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)  # the default selection is deterministic
+    assert a.num_prop == [DEFAULTS["num_prop"]] * 4 and a.alpha == DEFAULTS["alpha"] and b.seed == 2
+    with pytest.raises(ValueError, match="seed"):
+        for_compare(base, None, "cpu", seed=-1)

@@ -189,3 +189,33 @@ def test_for_compare_tiny(eager_merge):
     with torch.no_grad():
         out.model(train[0][:2])
     assert out.tokens_per_block == [float(t) for t in out.model.last_tokens] == [17.0, 10.0]
+
+
+def test_finetune_uses_the_chapter_recipe_exactly(monkeypatch):
+    """MCTF's fine-tune is fit(**recipes.finetune_kwargs(P), seed=s): the dense control's arguments, plus a step_fn;
+    the default leaves the consistency loss (a second pass per step) off."""
+    import vitlab.train
+    from vitlab.methods.efficient import recipes
+
+    seen = {}
+
+    def fake_fit(model, train, val=None, **kw):
+        seen.update(kw)
+        return {}
+
+    monkeypatch.setattr(vitlab.train, "fit", fake_fit)
+    out = mctf.for_compare(tiny_vit(), None, "cpu", seed=1)
+    step_fn = seen.pop("step_fn")
+    assert callable(step_fn) and seen.pop("seed") == 1 and seen.pop("profile") == "cpu"
+    seen.pop("progress"), seen.pop("desc")
+    assert seen == recipes.finetune_kwargs("cpu"), "the control's lr, steps, batch, schedule, shift and smoothing"
+    assert mctf.DEFAULTS["consistency"] is False and "consistency" not in out.note and "seed 1" in out.note
+    calls = []
+
+    def net(x, r=None, return_cls=False):
+        calls.append(r)
+        return torch.zeros(len(x), 5, requires_grad=True), torch.zeros(len(x), 4)
+
+    loss, _ = step_fn(net, torch.zeros(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
+    assert calls == [None], "one (student) pass per step by default"
+    assert loss.item() == pytest.approx(math.log(5)), "label-smoothed CE of uniform logits is log(classes)"

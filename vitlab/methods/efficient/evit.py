@@ -39,10 +39,13 @@ from vitlab.checks import check_cls_vit, check_int as _check_int, check_model as
 from vitlab.tokens import gather_tokens, keep_top_k
 
 __all__ = ["keep_count", "cls_attention_scores", "reorganize", "keep_rate_schedule", "EViT", "finetune",
-           "for_compare", "DEFAULT_KEEP_RATE", "DEFAULT_REDUCE_AT"]
+           "for_compare", "DEFAULTS", "DEFAULT_KEEP_RATE", "DEFAULT_REDUCE_AT"]
 
-DEFAULT_KEEP_RATE = 0.6
-DEFAULT_REDUCE_AT = (1, 3)
+# The lesson's and for_compare's one setting. EViT adds no parameters, so it has no lr of its own: every fine-tune
+# uses the chapter's recipe (``recipes.finetune_kwargs``), the dense control's arguments.
+DEFAULTS = dict(keep_rate=0.6, reduce_at=(1, 3), fuse=True, shrink_start=0.0, shrink_end=0.5)
+DEFAULT_KEEP_RATE = DEFAULTS["keep_rate"]
+DEFAULT_REDUCE_AT = DEFAULTS["reduce_at"]
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -190,44 +193,59 @@ class EViT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def finetune(model: EViT, train, *, steps: int, profile=None, lr: float = 5e-4, batch_size: int = 64,
-             shrink_start: float = 0.0, shrink_end: float = 0.5, seed: int = 0, progress: bool = False,
-             val=None) -> dict:
-    """Fine-tune ``model`` (in place) for exactly ``steps`` optimizer steps of ``batch_size`` with
-    ``vitlab.train.fit``, the keep rate following ``keep_rate_schedule`` from 1 at ``shrink_start·steps`` to
-    ``model.keep_rate`` at ``shrink_end·steps``. Returns fit's history plus ``keep_rate`` (per step)."""
+def finetune(model: EViT, train, *, profile=None, seed: int = 0, shrink_start: float = DEFAULTS["shrink_start"],
+             shrink_end: float = DEFAULTS["shrink_end"], steps: int | None = None, batch_size: int | None = None,
+             progress: bool = False, val=None) -> dict:
+    """Fine-tune ``model`` (in place) with THE chapter recipe, ``vitlab.train.fit(..., **finetune_kwargs(profile),
+    seed=seed)`` (AdamW lr 1e-4, warm-up and cosine, label smoothing 0.1, ±2 px shifts, batch 64,
+    ``finetune_steps(profile)`` steps: the dense control's arguments exactly), with a ``step_fn`` whose keep rate
+    follows ``keep_rate_schedule`` from 1 at ``shrink_start·steps`` to ``model.keep_rate`` at ``shrink_end·steps``.
+    ``steps`` / ``batch_size`` override the recipe's for unit tests only. Returns fit's history plus
+    ``keep_rate`` (per step)."""
+    from vitlab.methods.efficient import recipes
     from vitlab.train import fit
 
     if not isinstance(model, EViT):
         raise TypeError(f"finetune: model must be an EViT, got {type(model).__name__}")
-    _check_int(steps, "steps", "finetune")
+    kwargs = recipes.finetune_kwargs(profile)
+    if steps is not None:
+        kwargs["steps"] = _check_int(steps, "steps", "finetune")
+    if batch_size is not None:
+        kwargs["batch_size"] = _check_int(batch_size, "batch_size", "finetune")
     if not (0.0 <= shrink_start < shrink_end <= 1.0):
         raise ValueError(f"finetune: need 0 <= shrink_start < shrink_end <= 1, got {shrink_start!r}, {shrink_end!r}")
-    start, end = int(shrink_start * steps), max(int(shrink_start * steps) + 1, round(shrink_end * steps))
+    n = kwargs["steps"]
+    start, end = int(shrink_start * n), max(int(shrink_start * n) + 1, round(shrink_end * n))
+    smoothing = kwargs.get("label_smoothing", 0.0)
     rates: list[float] = []
 
     def step_fn(net, x, y):
         r = keep_rate_schedule(len(rates), end, model.keep_rate, start=start)
         rates.append(r)
         logits = net(x, keep_rate=r)
-        return F.cross_entropy(logits.float(), y, label_smoothing=0.1), logits
+        return F.cross_entropy(logits.float(), y, label_smoothing=smoothing), logits
 
-    history = fit(model, train, val, profile=profile, steps=steps, batch_size=batch_size, lr=lr, warmup=0.1,
-                  shift=2, step_fn=step_fn, seed=seed, progress=progress, desc="EViT fine-tune")
+    history = fit(model, train, val, profile=profile, **kwargs, step_fn=step_fn, seed=seed, progress=progress,
+                  desc="EViT fine-tune")
     history["keep_rate"] = rates
     return history
 
 
-def for_compare(base: nn.Module, train, profile) -> "Reduced":
-    """EViT at its default setting (keep 0.6 at blocks 1 and 3, fused token), fine-tuned from a copy of ``base``
-    for ``finetune_steps(profile)`` steps of batch 64 with the keep-rate schedule."""
-    from vitlab.methods.efficient.recipes import Reduced, finetune_steps
+def for_compare(base: nn.Module, train, profile, *, seed: int = 0) -> "Reduced":
+    """EViT at its default setting (``DEFAULTS``: keep 0.6 at blocks 1 and 3, fused token), fine-tuned from a copy
+    of ``base`` with ``finetune`` (the chapter recipe and ``seed``: one ``finetune_steps(profile)`` fine-tune, the
+    same arguments as ``recipes.dense_control(seed, profile)``). The lesson's main models are exactly these;
+    ``extra["history"]`` is the fine-tune's history (with the per-step ``keep_rate``)."""
+    from vitlab.methods.efficient.recipes import Reduced
 
     _check_model(base, "for_compare")
-    model = EViT(copy.deepcopy(base), DEFAULT_KEEP_RATE, DEFAULT_REDUCE_AT, fuse=True)
-    finetune(model, train, steps=finetune_steps(profile), profile=profile, seed=0)
+    _check_int(seed, "seed", "for_compare", low=0)
+    model = EViT(copy.deepcopy(base), DEFAULTS["keep_rate"], DEFAULTS["reduce_at"], fuse=DEFAULTS["fuse"])
+    history = finetune(model, train, profile=profile, seed=seed)
     model.eval()
     with torch.no_grad():
         model(train.images[:2] if hasattr(train, "images") else train[0][:2])
     return Reduced(model, tokens_per_block=[float(t) for t in model.last_tokens], gflops=None,
-                   note=f"keep {DEFAULT_KEEP_RATE} at blocks {list(DEFAULT_REDUCE_AT)}, fused token")
+                   note=f"keep {DEFAULTS['keep_rate']} at blocks {list(DEFAULTS['reduce_at'])}, fused token, "
+                        f"seed {seed}",
+                   extra={"history": history})

@@ -41,8 +41,10 @@ Our choices at course scale (6 blocks, 65 tokens): as the official DeiT recipe, 
 1..5 fuse r = 11 each (65 → 54 → 43 → 32 → 21 → 11 tokens, ≈ 60 % of the dense token count on average), the analogue
 of the paper's r = 16 in blocks 1..11 of DeiT's 12 (197 tokens; ``layers=range(depth)`` fuses in every block); τ_sim,
 τ_info, τ_size = 1, 20, 40 and the teacher's r_teacher_max = r/2, as the official DeiT-T/S settings
-``--mctf_type [16,8,0,1,1,1,20,40,1,1,0]``. Fine-tuning is a few hundred AdamW steps with label smoothing, not the
-official 30 epochs with mixup/cutmix; the official size/size_max factor in the weights cancels and is left out.
+``--mctf_type [16,8,0,1,1,1,20,40,1,1,0]``. Fine-tuning is the chapter's recipe (``recipes.finetune_kwargs``: 100
+AdamW steps at lr 1e-4 with label smoothing in the cpu profile), not the official 30 epochs with mixup/cutmix, and
+the consistency loss is an option, off by default (``DEFAULTS``: its teacher pass does not fit that budget); the
+official size/size_max factor in the weights cancels and is left out.
 """
 from __future__ import annotations
 
@@ -58,10 +60,16 @@ from vitlab.tokens import merge_tokens, proportional_bias
 
 __all__ = ["reduction", "default_r", "merging_layers", "token_schedule", "attention_received", "mctf_scores", "bidirectional_matching",
            "fuse_tokens", "merge_attention", "MCTFViT", "consistency_step", "finetune", "for_compare",
-           "DEFAULT_R", "TAUS"]
+           "DEFAULT_R", "TAUS", "DEFAULTS"]
 
 DEFAULT_R = 11  # default_r(65, 6): the course base's 64 patches + CLS, 6 blocks
 TAUS = dict(tau_sim=1.0, tau_info=20.0, tau_size=40.0)  # the official DeiT settings
+# The fine-tune's MCTF-specific settings. MCTF adds no parameters, so it has no lr of its own: every fine-tune uses the
+# chapter's recipe (``recipes.finetune_kwargs``), the dense control's arguments. The official token-reduction
+# consistency loss (threshold 0.4, weight 3) runs a second, teacher pass of the network every step: about 2.5x the
+# cost of an MCTF step here (measured on 2 CPU cores), more than the chapter's one-fine-tune budget per model allows,
+# so the default leaves it off; ``finetune(..., consistency=True)`` runs it (the gpu-profile lesson compares both).
+DEFAULTS = dict(consistency=False, threshold=0.4, weight=3.0)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -372,34 +380,48 @@ def consistency_step(r_teacher_max: int, *, consistency: bool = True, threshold:
     return step_fn
 
 
-def finetune(model: MCTFViT, train, *, steps: int, profile=None, lr: float = 5e-4, batch_size: int = 64,
-             consistency: bool = True, r_teacher_max: int | None = None, seed: int = 0, progress: bool = False,
-             val=None) -> dict:
-    """Fine-tune ``model`` (in place) for exactly ``steps`` AdamW steps of ``batch_size`` with ``vitlab.train.fit``
-    and ``consistency_step`` (teacher r below ``r_teacher_max``, default max(1, r // 2)). Returns fit's history."""
+def finetune(model: MCTFViT, train, *, profile=None, seed: int = 0, consistency: bool = DEFAULTS["consistency"],
+             r_teacher_max: int | None = None, steps: int | None = None, batch_size: int | None = None,
+             progress: bool = False, val=None) -> dict:
+    """Fine-tune ``model`` (in place) with THE chapter recipe, ``vitlab.train.fit(..., **finetune_kwargs(profile),
+    seed=seed)`` (AdamW lr 1e-4, warm-up and cosine, label smoothing 0.1, ±2 px shifts, batch 64,
+    ``finetune_steps(profile)`` steps: the dense control's arguments exactly), with ``consistency_step`` as the
+    step_fn (with ``consistency``: a teacher pass at r below ``r_teacher_max``, default max(1, r // 2), its generator
+    seeded by ``seed``; without it, the student's label-smoothed CE alone).
+    ``steps`` / ``batch_size`` override the recipe's for unit tests only. Returns fit's history."""
+    from vitlab.methods.efficient import recipes
     from vitlab.train import fit
 
     if not isinstance(model, MCTFViT):
         raise TypeError(f"finetune: model must be an MCTFViT, got {type(model).__name__}")
-    _check_int(steps, "steps", "finetune")
+    kwargs = recipes.finetune_kwargs(profile)
+    if steps is not None:
+        kwargs["steps"] = _check_int(steps, "steps", "finetune")
+    if batch_size is not None:
+        kwargs["batch_size"] = _check_int(batch_size, "batch_size", "finetune")
     r_teacher_max = max(1, model.r // 2) if r_teacher_max is None else r_teacher_max
-    gen = torch.Generator().manual_seed(seed)
-    step_fn = consistency_step(r_teacher_max, consistency=consistency, generator=gen)
-    return fit(model, train, val, profile=profile, steps=steps, batch_size=batch_size, lr=lr, warmup=0.1,
-               shift=2, step_fn=step_fn, seed=seed, progress=progress, desc="MCTF fine-tune")
+    gen = torch.Generator().manual_seed(_check_int(seed, "seed", "finetune", low=0))
+    step_fn = consistency_step(r_teacher_max, consistency=consistency, generator=gen,
+                               threshold=DEFAULTS["threshold"], weight=DEFAULTS["weight"],
+                               label_smoothing=kwargs.get("label_smoothing", 0.0))
+    return fit(model, train, val, profile=profile, **kwargs, step_fn=step_fn, seed=seed, progress=progress,
+               desc="MCTF fine-tune")
 
 
-def for_compare(base: nn.Module, train, profile) -> "Reduced":
-    """MCTF at its default setting (r = ``default_r``: 11 in blocks 1..5 of the 6-block base, τ = 1/20/40, bidirectional,
-    one-step-ahead), fine-tuned from a copy of ``base`` for ``finetune_steps(profile)`` steps of batch 64 with the
-    consistency loss."""
-    from vitlab.methods.efficient.recipes import Reduced, finetune_steps
+def for_compare(base: nn.Module, train, profile, *, seed: int = 0) -> "Reduced":
+    """MCTF at its default setting (r = ``default_r``: 11 in blocks 1..5 of the 6-block base, τ = 1/20/40,
+    bidirectional, one-step-ahead), fine-tuned from a copy of ``base`` with ``finetune`` (the chapter recipe and
+    ``seed``: one ``finetune_steps(profile)`` fine-tune with the same arguments as ``recipes.dense_control(seed,
+    profile)``; ``DEFAULTS["consistency"]`` off, so one pass per step). The lesson's main models are exactly these."""
+    from vitlab.methods.efficient.recipes import Reduced
 
     _check_model(base, "for_compare")
+    _check_int(seed, "seed", "for_compare", low=0)
     n, depth = base.patch_embed.num_patches + 1, len(base.blocks)
     r = default_r(n, depth)
     model = MCTFViT(copy.deepcopy(base), r, **TAUS)
-    finetune(model, train, steps=finetune_steps(profile), profile=profile, seed=0)
+    finetune(model, train, profile=profile, seed=seed)
     model.eval()
     return Reduced(model, tokens_per_block=[float(t) for t in token_schedule(n, depth, r)], gflops=None,
-                   note=f"r={r} in blocks 1-{depth - 1}, sim+info+size, one-step-ahead, consistency")
+                   note=f"r={r} in blocks 1-{depth - 1}, sim+info+size, one-step-ahead"
+                        + (", consistency" if DEFAULTS["consistency"] else "") + f", seed {seed}")
