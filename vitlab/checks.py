@@ -6,7 +6,7 @@ import numbers
 
 import torch.nn as nn
 
-__all__ = ["check_int", "check_number", "check_model", "check_cls_vit"]
+__all__ = ["check_int", "check_number", "check_choice", "check_ndim", "check_model", "check_cls_vit"]
 
 
 def check_int(value, name: str, fn: str, *, low: int = 1, high: int | None = None) -> int:
@@ -35,6 +35,23 @@ def check_number(value, name: str, fn: str, *, low: float | None = None, high: f
         raise ValueError(f"{fn}: {name} must be a finite number{' ' + want if want else ''}"
                          f"{' (or None)' if optional else ''}, got {value!r}")
     return value
+
+
+def check_choice(value, choices, name: str, fn: str):
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_ndim(t, ndim: int, name: str, fn: str):
+    """``t`` if it is a tensor with ``ndim`` dims."""
+    import torch
+
+    if not isinstance(t, torch.Tensor) or t.ndim != ndim:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{fn}: {name} must be a tensor with {ndim} dims, got {shape}")
+    return t
 
 
 def check_model(model, fn: str) -> nn.Module:

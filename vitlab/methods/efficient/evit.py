@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitlab.checks import check_cls_vit, check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_cls_vit, check_number, check_int as _check_int, check_model as _check_model
 from vitlab.tokens import gather_tokens, keep_top_k
 
 __all__ = ["keep_count", "cls_attention_scores", "reorganize", "keep_rate_schedule", "EViT", "finetune",
@@ -49,19 +49,12 @@ DEFAULT_REDUCE_AT = DEFAULTS["reduce_at"]
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_rate(keep_rate, fn: str, name: str = "keep_rate") -> float:
-    if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a number in (0, 1], got {type(keep_rate).__name__} ({keep_rate!r})")
-    if not (math.isfinite(keep_rate) and 0.0 < keep_rate <= 1.0):
-        raise ValueError(f"{fn}: {name} must be a number in (0, 1], got {keep_rate!r}")
-    return float(keep_rate)
-
 
 # ------------------------------------------------------------------------------------------------ the mechanism
 def keep_count(num_image_tokens: int, keep_rate: float) -> int:
     """k = ceil(keep_rate · (N - 1)): how many image tokens a reducing block keeps (at least 1)."""
     _check_int(num_image_tokens, "num_image_tokens", "keep_count")
-    keep_rate = _check_rate(keep_rate, "keep_count")
+    keep_rate = check_number(keep_rate, "keep_rate", "keep_count", low=0, low_open=True, high=1)
     # round first so that e.g. 0.7 * 10 = 7.000000000000001 is 7, not 8
     return max(1, math.ceil(round(keep_rate * num_image_tokens, 9)))
 
@@ -112,8 +105,8 @@ def keep_rate_schedule(step: int, total_steps: int, base_keep_rate: float, *, st
     _check_int(step, "step", "keep_rate_schedule", low=0)
     _check_int(total_steps, "total_steps", "keep_rate_schedule")
     _check_int(start, "start", "keep_rate_schedule", low=0)
-    base = _check_rate(base_keep_rate, "keep_rate_schedule", "base_keep_rate")
-    top = _check_rate(max_keep_rate, "keep_rate_schedule", "max_keep_rate")
+    base = check_number(base_keep_rate, "base_keep_rate", "keep_rate_schedule", low=0, low_open=True, high=1)
+    top = check_number(max_keep_rate, "max_keep_rate", "keep_rate_schedule", low=0, low_open=True, high=1)
     if start >= total_steps:
         raise ValueError(f"keep_rate_schedule: start must be < total_steps={total_steps}, got {start}")
     if step < start:
@@ -150,14 +143,15 @@ class EViT(nn.Module):
         if not isinstance(fuse, bool):
             raise TypeError(f"EViT: fuse must be a bool, got {type(fuse).__name__}")
         self.vit = vit
-        self.keep_rate = _check_rate(keep_rate, "EViT")
+        self.keep_rate = check_number(keep_rate, "keep_rate", "EViT", low=0, low_open=True, high=1)
         self.reduce_at = tuple(sorted(reduce_at))
         self.fuse = fuse
         self.last_tokens: list[int] = []
         self.last_kept: torch.Tensor | None = None
 
     def forward(self, images: torch.Tensor, keep_rate: float | None = None) -> torch.Tensor:
-        rate = self.keep_rate if keep_rate is None else _check_rate(keep_rate, "EViT.forward")
+        rate = self.keep_rate if keep_rate is None else check_number(keep_rate, "keep_rate", "EViT.forward", low=0,
+                                                                     low_open=True, high=1)
         x = self.vit.embed(images)
         B = x.shape[0]
         pos = torch.arange(x.shape[1] - 1, device=x.device).expand(B, -1)  # original patch of each image token

@@ -31,12 +31,11 @@ selection "random" picks the P tokens at random. The optional attention sparsifi
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 
-from vitlab.checks import check_cls_vit, check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_choice, check_cls_vit, check_number, check_int as _check_int, check_model as _check_model
 from vitlab.tokens import gather_tokens, proportional_bias
 
 __all__ = ["spatial_graph", "semantic_graph", "mixed_graph", "normalize_graph", "mixed_attn_max", "select",
@@ -54,16 +53,6 @@ DEFAULTS = dict(num_prop=4, selection="mixed_attn_max", propagation="graph", gra
 DEFAULT_NUM_PROP = DEFAULTS["num_prop"]
 
 
-def _check_choice(value, choices, name: str, fn: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{fn}: {name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def _check_alpha(alpha, fn: str) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"{fn}: alpha must be a finite number >= 0, got {alpha!r}")
-    return float(alpha)
 
 
 # ------------------------------------------------------------------------------------------------ graphs
@@ -107,7 +96,7 @@ def normalize_graph(adj: torch.Tensor) -> torch.Tensor:
 
 def mixed_graph(x: torch.Tensor, grid: tuple[int, int], num_neighbours: int = 8, kind: str = "mixed") -> torch.Tensor:
     """The normalised token graph W [B, N, N] from image tokens x [B, N, C] on a ``grid`` (h, w)."""
-    _check_choice(kind, GRAPHS, "kind", "mixed_graph")
+    check_choice(kind, GRAPHS, "kind", "mixed_graph")
     h, w = grid
     if x.ndim != 3 or x.shape[1] != h * w:
         raise ValueError(f"mixed_graph: x must be [B, {h * w}, C] for a {h}x{w} grid, got {tuple(x.shape)}")
@@ -152,8 +141,8 @@ def propagate(x: torch.Tensor, graph: torch.Tensor | None, size: torch.Tensor, k
     none:  x_prop dropped.
     Returns (x', graph', size') with size [B, 1+N] the tokens' sizes (CLS first).
     """
-    _check_choice(mode, PROPAGATIONS, "mode", "propagate")
-    alpha = _check_alpha(alpha, "propagate")
+    check_choice(mode, PROPAGATIONS, "mode", "propagate")
+    alpha = check_number(alpha, "alpha", "propagate", low=0)
     cls, img = x[:, :1], x[:, 1:]
     s_cls, s_img = size[:, :1], size[:, 1:]
     x_kept, s_kept = gather_tokens(img, kept), gather_tokens(s_img, kept)
@@ -199,11 +188,11 @@ class GTP(nn.Module):
             _check_int(p, "num_prop", "GTP", low=0)
         self.vit = vit
         self.num_prop = list(num_prop)
-        self.selection = _check_choice(selection, SELECTIONS, "selection", "GTP")
-        self.propagation = _check_choice(propagation, PROPAGATIONS, "propagation", "GTP")
-        self.graph = _check_choice(graph, GRAPHS, "graph", "GTP")
+        self.selection = check_choice(selection, SELECTIONS, "selection", "GTP")
+        self.propagation = check_choice(propagation, PROPAGATIONS, "propagation", "GTP")
+        self.graph = check_choice(graph, GRAPHS, "graph", "GTP")
         self.num_neighbours = _check_int(num_neighbours, "num_neighbours", "GTP", low=0)
-        self.alpha = _check_alpha(alpha, "GTP")
+        self.alpha = check_number(alpha, "alpha", "GTP", low=0)
         if not isinstance(token_scale, bool):
             raise TypeError(f"GTP: token_scale must be a bool, got {type(token_scale).__name__}")
         self.token_scale = token_scale

@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitlab.checks import check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_ndim, check_number, check_int as _check_int, check_model as _check_model
 from vitlab.tokens import merge_tokens, proportional_bias
 
 __all__ = ["reduction", "default_r", "merging_layers", "token_schedule", "attention_received", "mctf_scores", "bidirectional_matching",
@@ -73,17 +73,6 @@ DEFAULTS = dict(consistency=False, threshold=0.4, weight=3.0)
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_tau(tau, name: str, fn: str) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau >= 0):
-        raise ValueError(f"{fn}: {name} must be a number >= 0 (0 turns the criterion off), got {tau!r}")
-    return float(tau)
-
-
-def _check_tokens(t, name: str, fn: str, ndim: int) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.ndim != ndim:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{fn}: {name} must be a tensor with {ndim} dims, got {shape}")
-    return t
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -149,9 +138,9 @@ def mctf_scores(x: torch.Tensor, received: torch.Tensor | None, size: torch.Tens
     A τ of 0 (or a missing received/size) turns that criterion off.
     """
     fn = "mctf_scores"
-    _check_tokens(x, "x", fn, 3)
-    tau_sim, tau_info, tau_size = (_check_tau(t, n, fn) for t, n in ((tau_sim, "tau_sim"), (tau_info, "tau_info"),
-                                                                      (tau_size, "tau_size")))
+    check_ndim(x, 3, "x", fn)
+    tau_sim, tau_info, tau_size = (check_number(t, n, fn, low=0)  # 0 turns that criterion off
+                                   for t, n in ((tau_sim, "tau_sim"), (tau_info, "tau_info"), (tau_size, "tau_size")))
     B, N, _ = x.shape
     for name, t in (("received", received), ("size", size)):
         if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, N)):
@@ -184,7 +173,7 @@ def bidirectional_matching(scores: torch.Tensor, r: int, *, bidirectional: bool 
     Output order as the official code: the remaining A tokens in position order (CLS first), then the remaining
     B tokens (in B→A score order when bidirectional, else in position order).
     """
-    _check_tokens(scores, "scores", "bidirectional_matching", 3)
+    check_ndim(scores, 3, "scores", "bidirectional_matching")
     _check_int(r, "r", "bidirectional_matching", low=0)
     B, na, nb = scores.shape
     N, dev = na + nb, scores.device
@@ -220,7 +209,7 @@ def fuse_tokens(x: torch.Tensor, weight: torch.Tensor, size: torch.Tensor, dst_i
     """x' [B, num_out, C] = Σ w_j x_j / Σ w_j per destination, size' [B, num_out] = Σ s_j (weights get no
     gradient, x does). MCTF's w_j = ā_j · s_j; w = s gives ToMe's size-weighted mean."""
     fn = "fuse_tokens"
-    _check_tokens(x, "x", fn, 3)
+    check_ndim(x, 3, "x", fn)
     for name, t in (("weight", weight), ("size", size), ("dst_index", dst_index)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(x.shape[:2]):
             raise ValueError(f"{fn}: {name} must be [B, N]={tuple(x.shape[:2])}, got {getattr(t, 'shape', t)}")
@@ -235,7 +224,7 @@ def merge_attention(probs: torch.Tensor, weight: torch.Tensor, dst_index: torch.
     """P' [B, H, num_out, num_out]: P's columns (keys) of a group summed, its rows (queries) averaged with the
     fusion weights w, so P' rows still sum to 1 and are the fused queries' attention over the fused keys."""
     fn = "merge_attention"
-    _check_tokens(probs, "probs", fn, 4)
+    check_ndim(probs, 4, "probs", fn)
     B, H, N, _ = probs.shape
     for name, t in (("weight", weight), ("dst_index", dst_index)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, N):
@@ -292,7 +281,7 @@ class MCTFViT(nn.Module):
             raise ValueError("MCTFViT: vit must have exactly one CLS token and global_pool='token'")
         self.vit = vit
         self.r = _check_int(r, "r", "MCTFViT", low=0)
-        self.tau_sim, self.tau_info, self.tau_size = (_check_tau(t, n, "MCTFViT") for t, n in (
+        self.tau_sim, self.tau_info, self.tau_size = (check_number(t, n, "MCTFViT", low=0) for t, n in (
             (tau_sim, "tau_sim"), (tau_info, "tau_info"), (tau_size, "tau_size")))
         self.bidirectional, self.one_step_ahead, self.prop_attn = bool(bidirectional), bool(one_step_ahead), \
             bool(prop_attn)

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitlab.checks import check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_number, check_int as _check_int, check_model as _check_model
 
 if TYPE_CHECKING:
     from vitlab.methods.efficient.recipes import Reduced
@@ -53,14 +53,6 @@ HEURISTICS = ("static", "linear")
 # control's recipe. (The paper trains from scratch, so it sets no fine-tune lr to follow.)
 DEFAULTS = dict(idle_ratio=0.75, calib=512)
 
-
-def _check_idle(idle_ratio, fn: str) -> float:
-    if isinstance(idle_ratio, bool) or not isinstance(idle_ratio, (int, float)):
-        raise TypeError(f"{fn}: idle_ratio must be a number in [0, 1], got {type(idle_ratio).__name__} "
-                        f"({idle_ratio!r})")
-    if not (math.isfinite(idle_ratio) and 0.0 <= idle_ratio <= 1.0):
-        raise ValueError(f"{fn}: idle_ratio must be a number in [0, 1], got {idle_ratio!r}")
-    return float(idle_ratio)
 
 
 def active_channels(hidden: int, idle_ratio: float) -> int:
@@ -88,7 +80,7 @@ class RePaMlp(nn.Module):
         super().__init__()
         _check_int(dim, "dim", "RePaMlp")
         _check_int(hidden, "hidden", "RePaMlp")
-        self.idle_ratio = _check_idle(idle_ratio, "RePaMlp")
+        self.idle_ratio = check_number(idle_ratio, "idle_ratio", "RePaMlp", low=0, high=1)
         self.act_channels = active_channels(hidden, self.idle_ratio)
         self.norm1 = nn.BatchNorm1d(dim)
         self.fc1 = nn.Linear(dim, hidden)
@@ -194,7 +186,7 @@ def idle_ratios(depth: int, idle_ratio: float = 0.75, heuristic: str = "static")
     """Per-block idle ratios: ``static`` (the same everywhere) or the official ``linear`` heuristic
     (rising from 2r − 1 to 1 over the first depth − 1 blocks, 0 in the last)."""
     _check_int(depth, "depth", "idle_ratios")
-    r = _check_idle(idle_ratio, "idle_ratios")
+    r = check_number(idle_ratio, "idle_ratio", "idle_ratios", low=0, high=1)
     if heuristic not in HEURISTICS:
         raise ValueError(f"idle_ratios: heuristic must be one of {HEURISTICS}, got {heuristic!r}")
     if heuristic == "static" or depth == 1:
@@ -338,7 +330,7 @@ def ffn_params(dim: int, hidden: int, idle_ratio: float, *, deployed: bool = Tru
     training: BN1 2C + fc1 CH + H + BN2 2H + fc2 HC + C. a = ⌈H·(1 − idle_ratio)⌉."""
     _check_int(dim, "dim", "ffn_params")
     _check_int(hidden, "hidden", "ffn_params")
-    a = active_channels(hidden, _check_idle(idle_ratio, "ffn_params"))
+    a = active_channels(hidden, check_number(idle_ratio, "idle_ratio", "ffn_params", low=0, high=1))
     if deployed:
         return dim * dim + dim + (2 * a * dim + a if a else 0)
     return 2 * dim + dim * hidden + hidden + 2 * hidden + hidden * dim + dim
