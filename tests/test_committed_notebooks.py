@@ -27,15 +27,9 @@ LESSON_SECONDS, COMPARE_SECONDS = 300, 900
 # Committed outputs not yet re-run in the cpu profile under the experimental standard (issue 10).
 PENDING_RERUN = {
     "notebooks/2_efficient/compare.ipynb",
-    "notebooks/2_efficient/sit.ipynb",
-    "notebooks/2_efficient/sparsifiner.ipynb",
-    "notebooks/2_efficient/stvit.ipynb",
 }
 # Prose under "Reading the results" / "What we verified" that still types numbers (issue 10).
-PENDING_PROSE = {
-    "notebooks/2_efficient/sit.ipynb",
-    "notebooks/2_efficient/stvit.ipynb",
-}
+PENDING_PROSE: set[str] = set()
 
 RESULTS_HEADING = re.compile(r"^#+\s*(Reading\b|What we verified)", re.I)
 RESULTS_LEAD = re.compile(r"^\s*\*\*Reading\b", re.I)

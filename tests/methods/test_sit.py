@@ -8,7 +8,7 @@ import torch.nn as nn
 from vitlab import measure
 from vitlab.methods.efficient.recipes import Reduced
 from vitlab.methods.efficient.sit import (HardDrop, ReverseTSM, SiT, TokenSlimming, default_stages, finetune,
-                                          for_compare, frd_loss, slim, teacher_tokens)
+                                          for_compare, frd_loss, slim, teacher_tokens, DEFAULTS)
 from model_helpers import tiny_vit
 
 
@@ -218,6 +218,32 @@ def test_for_compare_on_a_tiny_model():
     assert out.tokens_per_block == [17.0, 9.0] and "keep 0.5" in out.note
     assert out.model(torch.rand(2, 3, 16, 16)).shape == (2, 3)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items()), "base untouched"
+    assert out.extra["history"]["step"][-1] == 5, "the chapter's smoke budget"
+    other = for_compare(base, _data(), "smoke", seed=1)
+    x = torch.rand(2, 3, 16, 16)
+    assert not torch.equal(out.model(x), other.model(x)), "the seed matters"
+
+
+def test_finetune_uses_the_chapter_lr_and_the_new_modules_scale():
+    from vitlab.methods.efficient.recipes import finetune_kwargs
+
+    base = _vit()
+    s = slim(base)
+    seen = {}
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def __init__(self, groups, lr):
+            seen["lrs"] = [g.get("lr", lr) for g in groups]
+            super().__init__(groups, lr=lr)
+
+    torch.optim.AdamW = Spy
+    try:
+        finetune(s, base, _data(), steps=1, profile="smoke")
+    finally:
+        torch.optim.AdamW = real
+    lr = finetune_kwargs("smoke")["lr"]
+    assert seen["lrs"] == [lr, lr, lr * DEFAULTS["new_lr_scale"]]
 
 
 # ------------------------------------------------------------------------------------------------ bad input

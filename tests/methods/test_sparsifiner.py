@@ -9,7 +9,8 @@ from vitlab.methods.efficient.sparsifiner import (ConnectivityPredictor, SparseA
                                                   attention_recall, connectivity_mask, distill_loss, finetune,
                                                   for_compare, last_masks, masked_attention, mhsa_flops,
                                                   model_gflops, random_mask, recon_loss, sparse_attention,
-                                                  sparse_layers, sparsify, train_predictor, window_mask)
+                                                  sparse_layers, sparsify, stage_steps, train_predictor,
+                                                  window_mask, DEFAULTS)
 from model_helpers import tiny_vit
 
 
@@ -159,7 +160,8 @@ def test_stage_two_trains_only_the_backbone():
     model = sparsify(base)
     before = {n: p.clone() for n, p in model.named_parameters()}
     x, y = _data(32)
-    finetune(model, base, (x, y), steps=3, batch_size=16)
+    hist = finetune(model, base, (x, y), steps=3, profile="smoke")
+    assert hist["step"][-1] == 3 and len(hist["losses"]) == 3
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and not any(".predictor." in n for n in changed)
     assert all(torch.equal(p, q) for p, q in zip(base.parameters(), _vit().parameters())), "base untouched"
@@ -272,3 +274,31 @@ def test_for_compare_returns_a_sane_reduced():
     assert out.model(x[:2]).shape == (2, 4)
     again = for_compare(base, (x, y), "smoke")
     assert torch.equal(out.model(x[:4]), again.model(x[:4])), "deterministic"
+    other = for_compare(base, (x, y), "smoke", seed=1)
+    assert not torch.equal(out.model(x[:4]), other.model(x[:4])), "the seed matters"
+    first, second = stage_steps("smoke")
+    assert len(out.extra["recon_losses"]) == first and out.extra["finetune"]["step"][-1] == second
+
+
+def test_stages_split_the_chapter_budget():
+    from vitlab.methods.efficient.recipes import finetune_kwargs, finetune_steps
+
+    for p in ("smoke", "cpu"):
+        first, second = stage_steps(p)
+        assert first >= 1 and second >= 1 and first + second == finetune_steps(p)
+    assert stage_steps("cpu") == (70, 30)
+    assert finetune_kwargs("cpu")["lr"] == 1e-4 and DEFAULTS["predictor_lr"] == 1e-2
+
+
+def test_stage_one_reads_the_teacher_attention_from_the_model_itself():
+    """While the backbone equals the teacher's, stage 1 takes the dense attention from the model's own forward:
+    the same loss, step by step, as with a separate teacher whose weights differ by nothing."""
+    base = _vit()
+    x, y = _data(32)
+    a, b = sparsify(base), sparsify(base)
+    la = train_predictor(a, base, (x, y), steps=4, batch_size=16)
+    teacher = _vit()
+    with torch.no_grad():
+        teacher.head.bias.add_(1.0)  # a different head: the attention is the same, the shortcut is not taken
+    lb = train_predictor(b, teacher, (x, y), steps=4, batch_size=16)
+    assert la == pytest.approx(lb, rel=1e-4)

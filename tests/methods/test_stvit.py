@@ -163,3 +163,15 @@ def test_for_compare_on_a_tiny_model():
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
     again = stvit.for_compare(base, train, "smoke")  # deterministic
     assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in out.model.state_dict().items())
+    assert out.extra["history"]["step"][-1] == 5, "the chapter's smoke budget"
+    other = stvit.for_compare(base, train, "smoke", seed=1)
+    assert not all(torch.equal(v, other.model.state_dict()[k]) for k, v in out.model.state_dict().items())
+
+
+def test_finetune_is_the_chapter_recipe():
+    base = tiny()
+    g = torch.Generator().manual_seed(0)
+    train = (torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 4, (64,), generator=g))
+    hist = stvit.finetune(stvit.semantic_vit(base, at=1, pool=2), train, profile="smoke", steps=3)
+    assert hist["step"][-1] == 3 and hist["lr"][-1] < 1e-4, "cosine from the chapter's lr 1e-4"
+    assert stvit.DEFAULTS == dict(at=3, pool=3, layer_scale_init=1.0, shortcut=True)
