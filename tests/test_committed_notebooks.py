@@ -25,9 +25,7 @@ NOTEBOOKS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "notebooks").
 LESSON_SECONDS, COMPARE_SECONDS = 300, 900
 
 # Committed outputs not yet re-run in the cpu profile under the experimental standard (issue 10).
-PENDING_RERUN = {
-    "notebooks/2_efficient/compare.ipynb",
-}
+PENDING_RERUN: set[str] = set()
 # Prose under "Reading the results" / "What we verified" that still types numbers (issue 10).
 PENDING_PROSE: set[str] = set()
 
