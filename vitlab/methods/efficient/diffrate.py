@@ -140,15 +140,9 @@ def softmax_with_policy(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Te
 
 def _policy_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, policy: Tensor) -> tuple[Tensor, Tensor]:
     """``vitlab.models.Attention`` with the policy softmax: (out [B,N,C], probs [B,H,N,N])."""
-    B, N, C = x.shape
-    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias
-    probs = softmax_with_policy(logits, policy)
-    out = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(B, N, C)
-    return attn.proj_drop(attn.proj(attn.norm(out))), probs
+    q, k, v = attn.qkv_heads(x)  # Attention's own steps, with the policy softmax in between
+    probs = softmax_with_policy(attn.logits(q, k, bias), policy)
+    return attn.merge_heads(attn.attn_drop(probs) @ v), probs
 
 
 # ------------------------------------------------------------------------------------------------ DDP

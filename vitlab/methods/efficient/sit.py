@@ -48,14 +48,13 @@ token, and that symmetry takes long to break.
 from __future__ import annotations
 
 import copy
-import math
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitlab.checks import check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_number, check_int as _check_int, check_model as _check_model
 
 if TYPE_CHECKING:
     from vitlab.methods.efficient.recipes import Reduced
@@ -88,14 +87,6 @@ DEFAULT_NEW_LR_SCALE = DEFAULTS["new_lr_scale"]
 DEFAULT_TSM_INIT_STD = DEFAULTS["tsm_init_std"]
 
 
-def _check_ratio(value, name: str, fn: str, *, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__} ({value!r})")
-    if not (math.isfinite(value) and value > 0 and (high is None or value <= high)):
-        rng = f"in (0, {high}]" if high is not None else "> 0"
-        raise ValueError(f"{fn}: {name} must be a number {rng}, got {value!r}")
-    return float(value)
-
 
 def _check_tokens(x, n: int | None, fn: str) -> None:
     if not torch.is_tensor(x) or x.ndim != 3:
@@ -117,7 +108,7 @@ class TokenSlimming(nn.Module):
         super().__init__()
         _check_int(dim, "dim", "TokenSlimming")
         _check_int(num_out, "num_out", "TokenSlimming")
-        _check_ratio(hidden_ratio, "hidden_ratio", "TokenSlimming")
+        check_number(hidden_ratio, "hidden_ratio", "TokenSlimming", low=0, low_open=True)
         self.num_out = num_out
         hidden = max(1, int(dim * hidden_ratio))
         self.weight = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_out))
@@ -174,7 +165,7 @@ class ReverseTSM(nn.Module):
         super().__init__()
         for name, v in (("dim", dim), ("num_in", num_in), ("num_out", num_out)):
             _check_int(v, name, "ReverseTSM")
-        _check_ratio(ratio, "ratio", "ReverseTSM")
+        check_number(ratio, "ratio", "ReverseTSM", low=0, low_open=True)
         self.num_in, self.num_out = num_in, num_out
         self.norm1 = nn.LayerNorm(dim)
         self.mlp1 = _TokenMlp(num_in, int(num_out * ratio), num_out)
@@ -228,7 +219,7 @@ class SiT(nn.Module):
             raise TypeError(f"SiT: stages must be a non-empty sequence of positive ints, got {stages!r}")
         if sum(stages) != depth:
             raise ValueError(f"SiT: stages {tuple(stages)} sum to {sum(stages)}, expected the depth {depth}")
-        keep = _check_ratio(keep, "keep", "SiT", high=1.0)
+        keep = check_number(keep, "keep", "SiT", low=0, low_open=True, high=1.0)
         if slimming not in SLIMMING:
             raise ValueError(f"SiT: slimming must be one of {SLIMMING}, got {slimming!r}")
         n = vit.patch_embed.num_patches
@@ -245,7 +236,7 @@ class SiT(nn.Module):
         self.slimmers = nn.ModuleList([make(kept[s + 1]) for s in range(len(stages) - 1)])
         # RTSM after block i once some tokens are gone (identity before: the student's tokens are the teacher's)
         self.rtsm = nn.ModuleList([ReverseTSM(dim, k, n, rtsm_ratio) if k < n else nn.Identity() for k in out])
-        self._init_new(_check_int(seed, "seed", "SiT", low=0), _check_ratio(tsm_init_std, "tsm_init_std", "SiT"))
+        self._init_new(_check_int(seed, "seed", "SiT", low=0), check_number(tsm_init_std, "tsm_init_std", "SiT", low=0, low_open=True))
 
     @torch.no_grad()
     def _init_new(self, seed: int, tsm_std: float) -> None:
@@ -349,7 +340,7 @@ def frd_loss(student_logits: torch.Tensor, student_tokens, teacher_logits: torch
     for name, v in (("lambda_token", lambda_token), ("lambda_logits", lambda_logits)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
             raise ValueError(f"frd_loss: {name} must be a number >= 0, got {v!r}")
-    _check_ratio(tau, "tau", "frd_loss")
+    check_number(tau, "tau", "frd_loss", low=0, low_open=True)
     ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     token = lambda_token * sum(F.mse_loss(s, t) for s, t in zip(student_tokens, teacher_tokens)) / len(student_tokens)
     kl = F.kl_div(F.log_softmax(student_logits / tau, dim=-1), F.log_softmax(teacher_logits / tau, dim=-1),
@@ -414,7 +405,7 @@ def finetune(student: SiT, teacher: nn.Module | None, train, *, distill: bool = 
         return out["loss"], s_logits
 
     hist = fit(student, train, None, profile=profile, **kw, seed=seed,
-               optimizer=_optimizer(_check_ratio(new_lr_scale, "new_lr_scale", "finetune")), progress=progress,
+               optimizer=_optimizer(check_number(new_lr_scale, "new_lr_scale", "finetune", low=0, low_open=True)), progress=progress,
                desc=desc, step_fn=step_fn if distill else None)
     hist["parts"] = parts
     return hist

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from tqdm.auto import tqdm
 
-from vitlab.checks import check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_number, check_int as _check_int, check_model as _check_model
 from vitlab.train import lr_lambda
 
 __all__ = ["KEEP_RATE", "REDUCE_N", "REDUCE_C", "BASIS_THRESHOLD", "COEF_TOPK", "MASKS", "attention_budget",
@@ -78,13 +78,6 @@ DEFAULTS = dict(
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_rate(value, name: str, fn: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a number in (0, 1], got {type(value).__name__} ({value!r})")
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise ValueError(f"{fn}: {name} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
 
 def _check_qkv(fn: str, **tensors) -> None:
     shape = None
@@ -100,7 +93,7 @@ def _check_qkv(fn: str, **tensors) -> None:
 def attention_budget(num_tokens: int, keep_rate: float = KEEP_RATE) -> int:
     """Keys each (non-CLS) query keeps: ceil(keep_rate · num_tokens), as the code's ``attn_budget``."""
     _check_int(num_tokens, "num_tokens", "attention_budget")
-    return math.ceil(_check_rate(keep_rate, "keep_rate", "attention_budget") * num_tokens)
+    return math.ceil(check_number(keep_rate, "keep_rate", "attention_budget", low=0, low_open=True, high=1) * num_tokens)
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -271,7 +264,7 @@ class SparseAttention(nn.Module):
         if mask_mode in ("window", "random") and fixed_mask is None:
             raise ValueError(f"SparseAttention: mask_mode={mask_mode!r} needs a fixed_mask")
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
-        self.num_tokens, self.keep_rate = num_tokens, _check_rate(keep_rate, "keep_rate", "SparseAttention")
+        self.num_tokens, self.keep_rate = num_tokens, check_number(keep_rate, "keep_rate", "SparseAttention", low=0, low_open=True, high=1)
         self.budget = attention_budget(num_tokens, keep_rate)
         self.mask_mode, self.recon = mask_mode, False
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
@@ -352,7 +345,7 @@ def sparsify(base: nn.Module, *, keep_rate: float = KEEP_RATE, mask: str = "pred
         raise TypeError(f"sparsify: base must be a VisionTransformer (blocks, patch_embed), got {type(base).__name__}")
     if mask not in MASKS:
         raise ValueError(f"sparsify: mask must be one of {MASKS}, got {mask!r}")
-    _check_rate(keep_rate, "keep_rate", "sparsify")
+    check_number(keep_rate, "keep_rate", "sparsify", low=0, low_open=True, high=1)
     _check_int(seed, "seed", "sparsify", low=0)
     prefix = getattr(base, "num_prefix_tokens", 1)
     if prefix != 1:
