@@ -236,7 +236,8 @@ class SiT(nn.Module):
         self.slimmers = nn.ModuleList([make(kept[s + 1]) for s in range(len(stages) - 1)])
         # RTSM after block i once some tokens are gone (identity before: the student's tokens are the teacher's)
         self.rtsm = nn.ModuleList([ReverseTSM(dim, k, n, rtsm_ratio) if k < n else nn.Identity() for k in out])
-        self._init_new(_check_int(seed, "seed", "SiT", low=0), check_number(tsm_init_std, "tsm_init_std", "SiT", low=0, low_open=True))
+        init_std = check_number(tsm_init_std, "tsm_init_std", "SiT", low=0, low_open=True)
+        self._init_new(_check_int(seed, "seed", "SiT", low=0), init_std)
 
     @torch.no_grad()
     def _init_new(self, seed: int, tsm_std: float) -> None:
@@ -405,8 +406,8 @@ def finetune(student: SiT, teacher: nn.Module | None, train, *, distill: bool = 
         return out["loss"], s_logits
 
     hist = fit(student, train, None, profile=profile, **kw, seed=seed,
-               optimizer=_optimizer(check_number(new_lr_scale, "new_lr_scale", "finetune", low=0, low_open=True)), progress=progress,
-               desc=desc, step_fn=step_fn if distill else None)
+               optimizer=_optimizer(check_number(new_lr_scale, "new_lr_scale", "finetune", low=0, low_open=True)),
+               progress=progress, desc=desc, step_fn=step_fn if distill else None)
     hist["parts"] = parts
     return hist
 

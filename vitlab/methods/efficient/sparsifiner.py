@@ -93,7 +93,8 @@ def _check_qkv(fn: str, **tensors) -> None:
 def attention_budget(num_tokens: int, keep_rate: float = KEEP_RATE) -> int:
     """Keys each (non-CLS) query keeps: ceil(keep_rate · num_tokens), as the code's ``attn_budget``."""
     _check_int(num_tokens, "num_tokens", "attention_budget")
-    return math.ceil(check_number(keep_rate, "keep_rate", "attention_budget", low=0, low_open=True, high=1) * num_tokens)
+    keep_rate = check_number(keep_rate, "keep_rate", "attention_budget", low=0, low_open=True, high=1)
+    return math.ceil(keep_rate * num_tokens)
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -264,7 +265,8 @@ class SparseAttention(nn.Module):
         if mask_mode in ("window", "random") and fixed_mask is None:
             raise ValueError(f"SparseAttention: mask_mode={mask_mode!r} needs a fixed_mask")
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
-        self.num_tokens, self.keep_rate = num_tokens, check_number(keep_rate, "keep_rate", "SparseAttention", low=0, low_open=True, high=1)
+        self.num_tokens = num_tokens
+        self.keep_rate = check_number(keep_rate, "keep_rate", "SparseAttention", low=0, low_open=True, high=1)
         self.budget = attention_budget(num_tokens, keep_rate)
         self.mask_mode, self.recon = mask_mode, False
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
