@@ -34,12 +34,11 @@ Our reading of the paper (no official code; the abstract and the course curricul
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from vitlab.checks import check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_number, check_int as _check_int, check_model as _check_model
 
 __all__ = ["ExpertLinear", "EWAMoE", "random_uniform_partition", "moeify", "moe_layers", "average_experts_",
            "expert_divergence", "collapse", "ewa_optimizer", "fit_ewa", "DEFAULTS"]
@@ -53,14 +52,6 @@ DEFAULTS = dict(model_kw=dict(patch_size=7), epochs=9, batch_size=48, lr=2e-3, n
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _check_share_rate(share_rate, fn: str) -> float:
-    if isinstance(share_rate, bool) or not isinstance(share_rate, (int, float)):
-        raise TypeError(f"{fn}: share_rate must be a number in [0, 1], got {type(share_rate).__name__} "
-                        f"({share_rate!r})")
-    if not (math.isfinite(share_rate) and 0.0 <= share_rate <= 1.0):
-        raise ValueError(f"{fn}: share_rate must be a number in [0, 1], got {share_rate!r}")
-    return float(share_rate)
-
 
 # ------------------------------------------------------------------------------------------------ routing
 def random_uniform_partition(num_tokens: int, num_experts: int, *, generator: torch.Generator | None = None
@@ -226,7 +217,7 @@ def average_experts_(model: nn.Module, share_rate: float) -> nn.Module:
 
     β = 0 leaves the experts alone; β = 1 sets them all to their mean. The mean never changes.
     """
-    beta = _check_share_rate(share_rate, "average_experts_")
+    beta = check_number(share_rate, "share_rate", "average_experts_", low=0, high=1)
     layers = [model] if isinstance(model, EWAMoE) else [m for _, m in moe_layers(model)]
     if not layers:
         raise ValueError("average_experts_: model has no EWAMoE layers; call moeify(model) first")
@@ -291,7 +282,7 @@ def ewa_optimizer(share_rate: float, base="adamw", *, on_step=None):
     """An ``optimizer=`` callable for ``vitlab.train.fit``: the usual optimizer (``base``: a name or another
     such callable) with EWA run right after each of its steps (a step post-hook), and then ``on_step(model)``
     if given (e.g. to log the experts' divergence)."""
-    beta = _check_share_rate(share_rate, "ewa_optimizer")
+    beta = check_number(share_rate, "share_rate", "ewa_optimizer", low=0, high=1)
     if on_step is not None and not callable(on_step):
         raise TypeError(f"ewa_optimizer: on_step must be callable or None, got {type(on_step).__name__}")
 

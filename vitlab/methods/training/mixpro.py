@@ -72,13 +72,6 @@ DEFAULTS = dict(patch=7, cell=7, epochs=9, batch_size=48, lr=2e-3, smoothing=0.1
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def _check_alpha(alpha, fn: str) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"{fn}: alpha must be a number, got {type(alpha).__name__} ({alpha!r})")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"{fn}: alpha must be a positive number (Beta(alpha, alpha)), got {alpha!r}")
-    return float(alpha)
-
 
 def _check_labels(y: Tensor, batch: int, name: str, fn: str) -> Tensor:
     if not torch.is_tensor(y) or y.ndim != 1 or y.dtype != torch.long or len(y) != batch:
@@ -132,7 +125,7 @@ def maskmix(x: Tensor, y: Tensor, *, patch_size: int, cell_size: int, alpha: flo
                          f"every ViT patch comes from one image")
     if H % cell_size or W % cell_size:
         raise ValueError(f"{fn}: cell_size={cell_size} must divide the image size {H}x{W}")
-    alpha = _check_alpha(alpha, fn)
+    alpha = check_number(alpha, "alpha", fn, low=0, low_open=True)
     if ratio is not None:
         ratio = check_number(ratio, "ratio", fn, low=0, high=1)
     if perm is None:
@@ -253,7 +246,7 @@ class MixStep:
             check_int(patch_size, "patch_size", fn)
             if cell_size % patch_size:
                 raise ValueError(f"{fn}: cell_size={cell_size} must be a multiple of patch_size={patch_size}")
-        self.alpha = _check_alpha(alpha, fn)
+        self.alpha = check_number(alpha, "alpha", fn, low=0, low_open=True)
         self.smoothing = check_number(smoothing, "smoothing", fn, low=0, high=1, high_open=True)
         self.loss_smoothing = check_number(loss_smoothing, "loss_smoothing", fn, low=0, high=1, high_open=True)
         self.maskmix_prob = check_number(maskmix_prob, "maskmix_prob", fn, low=0, high=1)
