@@ -22,6 +22,7 @@ def test_trains_once_then_loads(ckpts, monkeypatch):
     model, info = zoo.get(zh.NAME, "smoke", progress=False, return_info=True)
     path = zh.checkpoint(ckpts)
     assert path.exists() and info["path"] == str(path)
+    assert not list(ckpts.glob("*.lock")), "no lock file is left behind"
     assert 0.0 <= info["metrics"]["test_acc"] <= 1.0
     payload = torch.load(path, weights_only=True)  # plain tensors and dicts: loads without pickled code
     assert payload["sha256"] == zoo.state_hash(model.state_dict())

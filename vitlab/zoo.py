@@ -239,6 +239,17 @@ def _locked(path: Path, name: str):
     return lock
 
 
+def _release(lock: FileLock) -> None:
+    """Release the lock and leave no lock file behind. The file goes while still held: a process already waiting
+    on it wakes on the unlinked file and re-checks the checkpoint (valid now, so it loads it); one arriving
+    later makes a fresh lock file. At worst (the trainer failed) two processes train at once, and the atomic
+    write still leaves one valid file."""
+    try:
+        Path(lock.lock_file).unlink(missing_ok=True)
+    finally:
+        lock.release()
+
+
 def get(name: str, profile: Profile | str | None = None, *, retrain: bool = False, progress: bool = True,
         return_info: bool = False):
     """The trained model ``name`` for the profile (eval mode, on CPU); trains and caches it if needed.
@@ -263,7 +274,7 @@ def get(name: str, profile: Profile | str | None = None, *, retrain: bool = Fals
                 save_checkpoint(path, payload)
                 found = payload, _build(payload)
         finally:
-            lock.release()
+            _release(lock)
     payload, model = found
     if return_info:
         info = {k: payload[k] for k in ("name", "config", "model_config", "metrics", "history", "sha256")}
