@@ -152,3 +152,19 @@ def test_train_acc_counts_the_images_a_short_batch_really_has():
     h = fit(m, (x, y), profile="smoke", epochs=1, batch_size=32, progress=False)
     m.train()
     assert h["train_acc"][0] in {k / 8 for k in range(9)}
+
+
+def test_adamw_lr_scaled_splits_timms_groups():
+    """The chosen parameters get scale x lr, in timm's decay / no-decay groups; every parameter appears once."""
+    import torch.nn as nn
+
+    from vitlab.train import adamw_lr_scaled
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    opt = adamw_lr_scaled(lambda m: m[2].parameters(), 10.0)(model, 1e-3, 0.05)
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert len(by_id) == sum(1 for _ in model.parameters())
+    assert by_id[id(model[2].weight)]["lr"] == pytest.approx(1e-2) and by_id[id(model[0].weight)]["lr"] == 1e-3
+    assert by_id[id(model[2].weight)]["weight_decay"] == 0.05 and by_id[id(model[2].bias)]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="scale"):
+        adamw_lr_scaled(lambda m: [], 0)

@@ -31,7 +31,8 @@ from .cli import OPTIMIZERS, SCHEDULES  # one list for fit and its command line
 from .profiles import Profile, profile as get_profile
 from .seed import seed_everything
 
-__all__ = ["fit", "evaluate", "make_optimizer", "lr_lambda", "random_shift", "is_distributed", "main"]
+__all__ = ["fit", "evaluate", "make_optimizer", "adamw_lr_scaled", "lr_lambda", "random_shift", "is_distributed",
+           "main"]
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -96,6 +97,25 @@ def make_optimizer(model: nn.Module, name="adamw", lr: float = 1e-3, weight_deca
         raise ValueError(f"fit: unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     kwargs = {"momentum": 0.9} if name == "sgd" else {}
     return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def adamw_lr_scaled(scaled, scale: float):
+    """An ``optimizer=`` factory for :func:`fit`: timm's AdamW groups (no decay on biases, norms, tokens), each
+    split in two, the other parameters at the lr and ``scaled(model)``'s at ``scale`` × the lr. For new layers
+    (zero- or randomly initialised) trained next to pretrained weights in a short fine-tune."""
+    check_number(scale, "scale", "adamw_lr_scaled", low=0, low_open=True)
+
+    def make(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        new = {id(p) for p in scaled(model)}
+        groups = []
+        for g in make_optimizer(model, "adamw", lr, weight_decay).param_groups:
+            for is_new in (False, True):
+                params = [p for p in g["params"] if (id(p) in new) == is_new]
+                if params:
+                    groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": params,
+                                   "lr": lr * (scale if is_new else 1.0)})
+        return torch.optim.AdamW(groups, lr=lr)
+    return make
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str = "cosine"):

@@ -249,6 +249,17 @@ if HAS_TRITON:
         return tl.where(valid, a_max + tl.log(total), 0.0)
 
     @triton.jit
+    def _gmm_tile(ca_ptr, s_can, s_cac, offs_a, mask_a, cb_ptr, s_cbn, s_cbc, offs_b, mask_b, gw_ptr, gs_ptr,
+                  GMM_M: tl.constexpr):
+        """The Gaussian-mixture bias between tokens offs_a (rows) and offs_b (columns), from their coordinates
+        [N, 2] at ca_ptr / cb_ptr. [BA, BB]"""
+        ca_x = tl.load(ca_ptr + offs_a * s_can, mask=mask_a, other=0.0)
+        ca_y = tl.load(ca_ptr + offs_a * s_can + s_cac, mask=mask_a, other=0.0)
+        cb_x = tl.load(cb_ptr + offs_b * s_cbn, mask=mask_b, other=0.0)
+        cb_y = tl.load(cb_ptr + offs_b * s_cbn + s_cbc, mask=mask_b, other=0.0)
+        return _gmm_bias(ca_x, ca_y, cb_x, cb_y, gw_ptr, gs_ptr, GMM_M)
+
+    @triton.jit
     def _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale,
                 bias_ptr, s_bm, s_bn, kb_ptr, s_kbn,
                 cq_ptr, s_cqn, s_cqc, ck_ptr, s_ckn, s_ckc, gw_ptr, gs_ptr,
@@ -269,11 +280,8 @@ if HAS_TRITON:
             kb = tl.load(kb_ptr + offs_n * s_kbn, mask=mask_n, other=0.0)
             s += kb.to(s.dtype)[None, :] * LOG2E
         if GMM_M > 0:
-            cq_x = tl.load(cq_ptr + offs_m * s_cqn, mask=mask_m, other=0.0)
-            cq_y = tl.load(cq_ptr + offs_m * s_cqn + s_cqc, mask=mask_m, other=0.0)
-            ck_x = tl.load(ck_ptr + offs_n * s_ckn, mask=mask_n, other=0.0)
-            ck_y = tl.load(ck_ptr + offs_n * s_ckn + s_ckc, mask=mask_n, other=0.0)
-            g = _gmm_bias(cq_x, cq_y, ck_x, ck_y, gw_ptr, gs_ptr, GMM_M)
+            g = _gmm_tile(cq_ptr, s_cqn, s_cqc, offs_m, mask_m, ck_ptr, s_ckn, s_ckc, offs_n, mask_n, gw_ptr, gs_ptr,
+                          GMM_M)
             s += g.to(s.dtype) * LOG2E
         return tl.where(mask_n[None, :], s, float("-inf"))
 
@@ -306,11 +314,8 @@ if HAS_TRITON:
             kb = tl.load(kb_ptr + offs_n * s_kbn, mask=mask_n, other=0.0)
             s += kb.to(s.dtype)[:, None] * LOG2E
         if GMM_M > 0:  # the bias depends on the distance only: with the roles swapped it is the transpose
-            cq_x = tl.load(cq_ptr + offs_m * s_cqn, mask=mask_m, other=0.0)
-            cq_y = tl.load(cq_ptr + offs_m * s_cqn + s_cqc, mask=mask_m, other=0.0)
-            ck_x = tl.load(ck_ptr + offs_n * s_ckn, mask=mask_n, other=0.0)
-            ck_y = tl.load(ck_ptr + offs_n * s_ckn + s_ckc, mask=mask_n, other=0.0)
-            g = _gmm_bias(ck_x, ck_y, cq_x, cq_y, gw_ptr, gs_ptr, GMM_M)
+            g = _gmm_tile(ck_ptr, s_ckn, s_ckc, offs_n, mask_n, cq_ptr, s_cqn, s_cqc, offs_m, mask_m, gw_ptr, gs_ptr,
+                          GMM_M)
             s += g.to(s.dtype) * LOG2E
         return tl.where(mask_n[:, None], s, float("-inf"))
 

@@ -431,7 +431,7 @@ def finetune_from_vit(model: LookupViT, train, *, grid: int | None = None, new_l
     **fit_kwargs, seed=seed)`` (pass ``**recipes.finetune_kwargs(P)``): the base's weights at fit's ``lr``, the
     layers ``from_vit`` adds (``NEW_LAYERS``) at ``lr × new_lr_scale``; timm's AdamW groups otherwise (no weight
     decay on norms, biases, positions and tokens). Defaults from ``DEFAULTS``."""
-    from vitlab.train import fit, make_optimizer
+    from vitlab.train import adamw_lr_scaled, fit
 
     if not isinstance(model, LookupViT):
         raise TypeError(f"finetune_from_vit: model must be a LookupViT, got {type(model).__name__}")
@@ -439,17 +439,7 @@ def finetune_from_vit(model: LookupViT, train, *, grid: int | None = None, new_l
     scale = DEFAULTS["new_lr_scale"] if new_lr_scale is None else new_lr_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"finetune_from_vit: new_lr_scale must be a positive number, got {scale!r}")
-    new_ids = {id(p) for n, p in model.named_parameters() if _new_layer(n)}
-
-    def optimizer(net, lr, wd):
-        groups = []
-        for g in make_optimizer(net, "adamw", lr, wd).param_groups:  # split timm's decay groups: base / new
-            for new in (False, True):
-                ps = [p for p in g["params"] if (id(p) in new_ids) == new]
-                if ps:
-                    groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ps,
-                                   "lr": lr * (scale if new else 1.0)})
-        return torch.optim.AdamW(groups, lr=lr)
+    optimizer = adamw_lr_scaled(lambda net: [p for n, p in net.named_parameters() if _new_layer(n)], scale)
 
     def step_fn(net, x, y):
         logits = net(x, grid=grid)

@@ -428,7 +428,7 @@ def fit_snnet(model: SNNetv2, train, *, steps: int, groups: list[list[int]] | No
     from FLOPs ``groups`` (default: ``group_by_flops`` of ``flops``, counted if not given, with gap =
     ``gap_fraction`` × the anchors' FLOPs range). The anchors' weights train at ``lr``; the stitching layers at
     ``lr × stitch_lr_scale`` (``DEFAULTS``). Returns fit's history plus ``config`` (one per step) and ``groups``."""
-    from vitlab.train import fit, make_optimizer
+    from vitlab.train import adamw_lr_scaled, fit
 
     if not isinstance(model, SNNetv2):
         raise TypeError(f"fit_snnet: model must be an SNNetv2, got {type(model).__name__}")
@@ -450,17 +450,8 @@ def fit_snnet(model: SNNetv2, train, *, steps: int, groups: list[list[int]] | No
         logits = net(x, config=c)
         return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), logits
 
-    def optimizer(net, base_lr, wd):  # timm's AdamW groups (no decay on norms, biases, tokens; frozen W left out)
-        opt = make_optimizer(net, "adamw", base_lr, wd)
-        stitch = {id(p) for p in net.stitch_layers.parameters()}
-        groups_out = []
-        for g in opt.param_groups:  # split each group into anchor and stitch parameters
-            for is_stitch in (False, True):
-                ps = [p for p in g["params"] if (id(p) in stitch) == is_stitch]
-                if ps:
-                    groups_out.append({**{k: v for k, v in g.items() if k != "params"}, "params": ps,
-                                       "lr": base_lr * (scale if is_stitch else 1.0)})
-        return torch.optim.AdamW(groups_out, lr=base_lr)
+    # timm's AdamW groups (no decay on norms, biases, tokens; frozen W left out), the stitches at lr × scale
+    optimizer = adamw_lr_scaled(lambda net: net.stitch_layers.parameters(), scale)
 
     hist = fit(model, train, profile=profile, steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup,
                label_smoothing=label_smoothing, batch_size=batch_size, shift=shift, seed=seed, step_fn=step_fn,
