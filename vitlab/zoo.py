@@ -48,6 +48,9 @@ class Recipe:
     shares: dict = field(default_factory=dict)
     # another entry whose weights start the training: a fine-tune of that base (e.g. an equal-step dense control)
     init: str | None = None
+    # the seed of generated data when it differs from `seed` (which seeds the weights and the data order): from-
+    # scratch runs over several seeds keep one dataset, so their test sets are the same images
+    data_seed: int | None = None
 
     def checkpoint_profile(self, profile_name: str) -> str:
         return self.shares.get(profile_name, profile_name)
@@ -60,6 +63,8 @@ class Recipe:
                "fit": fit_kwargs, "max_train": max_train, "seed": self.seed, "profile": profile_name}
         if self.train_kwargs:  # only when set, so older checkpoints' configs still match
             cfg["train_kwargs"] = dict(self.train_kwargs)
+        if self.data_seed is not None:
+            cfg["data_seed"] = self.data_seed
         return cfg
 
 
@@ -160,10 +165,11 @@ def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
 
     cfg = _config(recipe, P)
     data_profile = P if cfg["max_train"] == "profile" else P.replace(max_train=cfg["max_train"])
-    train = vdata.load(recipe.data, "train", data_profile, seed=recipe.seed,
+    data_seed = recipe.seed if recipe.data_seed is None else recipe.data_seed
+    train = vdata.load(recipe.data, "train", data_profile, seed=data_seed,
                        **{**recipe.data_kwargs, **recipe.train_kwargs})
-    val = vdata.load(recipe.data, "val", data_profile, seed=recipe.seed, **recipe.data_kwargs)
-    test = vdata.load(recipe.data, "test", data_profile, seed=recipe.seed, **recipe.data_kwargs)
+    val = vdata.load(recipe.data, "val", data_profile, seed=data_seed, **recipe.data_kwargs)
+    test = vdata.load(recipe.data, "test", data_profile, seed=data_seed, **recipe.data_kwargs)
     seed_everything(recipe.seed)
     model = create_model(recipe.model, data=train)
     if recipe.init is not None:
@@ -189,10 +195,11 @@ def plateau_gain(val_acc: list[float]) -> float:
 
 
 def _build(payload: dict):
-    """The checkpoint's model, loaded strictly (raises if the weights do not fit the architecture)."""
-    from .models import VisionTransformer
+    """The checkpoint's model, built by the registry's builder for its config's model name (a ViT or any
+    registered architecture) and loaded strictly (raises if the weights do not fit the architecture)."""
+    from .models.registry import builder
 
-    model = VisionTransformer(**payload["model_config"])
+    model = builder(payload["config"]["model"])(**payload["model_config"])
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval()
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from .vit import VisionTransformer
 
-__all__ = ["MODELS", "register_model", "create_model", "model_config"]
+__all__ = ["MODELS", "register_model", "create_model", "model_config", "builder"]
 
 MODELS: dict[str, dict[str, Any]] = {}
 _BUILDERS: dict[str, Callable[..., Any]] = {}
@@ -35,6 +35,12 @@ register_model("vit_small", img_size=32, patch_size=4, in_chans=3, num_classes=1
                embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, drop_path_rate=0.1)
 register_model("vit_s16", img_size=224, patch_size=16, in_chans=3, num_classes=1000,
                embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, drop_path_rate=0.1)
+
+
+def builder(name: str) -> Callable[..., Any]:
+    """The class or function that builds the registered model ``name`` from its config."""
+    model_config(name)  # the same clear error for an unknown name
+    return _BUILDERS[name]
 
 
 def model_config(name: str, data=None, **overrides) -> dict[str, Any]:
