@@ -149,6 +149,36 @@ def test_backward_through_sum_and_bias_grads():
 
 
 @needs_triton
+@pytest.mark.parametrize("shape,reduced", [
+    ((3, 2, 33, 40), False),  # per example and head: its gradient is [B,H,Nq,Nk] anyway
+    ((2, 33, 40), True),      # shared across the batch (a relative-position table)
+    ((1, 1, 33, 40), True),   # shared across batch and heads
+    ((33, 40), True),
+    ((3, 1, 33, 40), True),   # shared across heads only (a per-image mask)
+    ((1, 2, 1, 40), False),   # broadcast over queries too: the general path (materialise, then sum)
+])
+def test_broadcast_bias_grad_is_reduced_in_kernel(shape, reduced, monkeypatch):
+    """A bias shared across the batch and/or heads gets its gradient summed by the dbias kernel (no
+    [B,H,Nq,Nk] fp32 buffer), and it equals the reference's."""
+    from vitlab.kernels import attention as A
+
+    B, H, Nq, Nk, D = 3, 2, 33, 40, 16
+    q, k, v = make_qkv(B, H, Nq, Nk, D, grad=True)
+    bias = (0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(4))).to(DEVICE).requires_grad_()
+    dout = torch.randn(B, H, Nq, D, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    calls = []
+    kernel = A._attn_bwd_dbias
+    monkeypatch.setattr(A, "_attn_bwd_dbias", type("Spy", (), {
+        "__getitem__": lambda self, grid: (calls.append(grid), kernel[grid])[1]})())
+    got = torch.autograd.grad(attention(q, k, v, bias=bias), (q, k, v, bias), dout)
+    want = torch.autograd.grad(attention_ref(q, k, v, bias=bias), (q, k, v, bias), dout)
+    assert bool(calls) == reduced
+    for name, a, b in zip(("q", "k", "v", "bias"), got, want):
+        assert a.shape == b.shape, name
+        assert max_err(a, b) < 2e-5, name
+
+
+@needs_triton
 @pytest.mark.skipif(not interpreting(), reason="fp64 runs in the interpreter; on CUDA fp64 takes the reference path")
 def test_gradcheck_fp64():
     q, k, v = make_qkv(1, 1, 3, 5, 16, torch.float64, grad=True)

@@ -30,7 +30,10 @@ Backward: two kernels and no pre-pass. The dQ kernel (a program per query tile) 
 each row's delta_i = out_i . dout_i; the dK/dV kernel (a program per key tile) then works on transposed tiles,
 S^T = k q^T with q loaded transposed, so P^T and dS^T never need a register transpose.
 
-Gradients. q, k, v, bias and key_bias get gradients from the Triton backward. The gmm parameters
+Gradients. q, k, v, bias and key_bias get gradients from the Triton backward. A bias shared across the batch
+and/or the heads (a relative-position table [H, N, N]) has its gradient summed in a third kernel that walks over
+the (batch, head) pairs sharing each tile: the [B,H,N,N] fp32 buffer is never made (477 MB at ViT-B/16, batch
+256) and the sum needs no atomics, so it is deterministic. The gmm parameters
 (sigma, logits) get none there, so if they require grad, `attention` takes the reference path,
 which autograd differentiates. Side outputs carry no gradient: they are detached.
 """
@@ -536,6 +539,68 @@ if HAS_TRITON:
         tl.store(DQ + pid_bh * Nq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
 
+    def _dbias_configs():
+        if interpreting():
+            return [triton.Config({"BLOCK_M": 256, "BLOCK_N": 256}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=st)
+                for m, n in ((64, 64), (128, 64), (64, 128)) for st in (2, 3)]
+
+    @triton.autotune(configs=_dbias_configs(), key=["Nq", "Nk", "HEAD_DIM"])
+    @triton.jit
+    def _attn_bwd_dbias(Q, K, V, DO, LSE, Delta, DBias,
+                        s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_don,
+                        Bias, s_bb, s_bh, s_bm, s_bn, KB, s_kbb, s_kbh, s_kbn,
+                        CQ, s_cqb, s_cqn, s_cqc, CK, s_ckb, s_ckn, s_ckc, GW, GS, s_gh,
+                        B, H, Nq, Nk, qk_scale,
+                        HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, GMM_M: tl.constexpr,
+                        SUM_B: tl.constexpr, SUM_H: tl.constexpr,
+                        DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The gradient of a bias shared across the batch (SUM_B) and/or the heads (SUM_H), reduced here:
+            dbias[hb, i, j] = sum over the (b, h) sharing it of ds_bhij,   ds = p (do v^T - delta).
+        A program owns one [BM, BN] tile of one bias slice (axis 1: that slice, a head when only the batch is
+        summed, a batch when only the heads are) and walks over the pairs that share it, recomputing p and dp
+        (two small dots per pair): no [B,H,Nq,Nk] fp32 buffer, and no atomics, so the sum is deterministic.
+        DBias: contiguous [B|1, H|1, Nq, Nk] fp32. Runs after the dQ kernel, which writes Delta."""
+        n_tiles_n = tl.cdiv(Nk, BLOCK_N)
+        pid_m = tl.program_id(0) // n_tiles_n
+        pid_n = tl.program_id(0) % n_tiles_n
+        slice_id = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask_m = offs_m < Nq
+        mask_n = offs_n < Nk
+        n_b = B if SUM_B else 1
+        n_h = H if SUM_H else 1
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for ib in range(0, n_b):
+            for ih in range(0, n_h):
+                b = ib if SUM_B else slice_id
+                h = ih if SUM_H else slice_id
+                bias_p, kb_p, cq_p, ck_p, gw_p, gs_p = _extra_ptrs(b, h, Bias, s_bb, s_bh, KB, s_kbb, s_kbh,
+                                                                   CQ, s_cqb, CK, s_ckb, GW, GS, s_gh,
+                                                                   HAS_BIAS, HAS_KB, GMM_M)
+                q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :],
+                            mask=mask_m[:, None], other=0.0).to(DOT)  # [BM, D]
+                do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_don + offs_d[None, :],
+                             mask=mask_m[:, None], other=0.0).to(DOT)
+                k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
+                            mask=mask_n[:, None], other=0.0).to(DOT)  # [BN, D]
+                v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :],
+                            mask=mask_n[:, None], other=0.0).to(DOT)
+                row = (b * H + h) * Nq + offs_m
+                lse = tl.load(LSE + row, mask=mask_m, other=0.0)
+                delta = tl.load(Delta + row, mask=mask_m, other=0.0)
+                s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_p, s_bm, s_bn, kb_p, s_kbn,
+                            cq_p, s_cqn, s_cqc, ck_p, s_ckn, s_ckc, gw_p, gs_p,
+                            HAS_BIAS, HAS_KB, GMM_M, PREC).to(ACC)
+                p = tl.where(mask_m[:, None], tl.exp2(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
+                acc += p * (dp - delta[:, None])
+        tl.store(DBias + slice_id * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :], acc,
+                 mask=mask_m[:, None] & mask_n[None, :])
+
     @triton.jit
     def _prob_tile(q_base, s_qn, k, start_m, offs_n, offs_d, LSE_row, Nq, Nk, qk_scale,
                    bias_p, s_bm, s_bn, kb_p, s_kbn, cq_p, s_cqn, s_cqc, ck_p, s_ckn, s_ckc, gw_p, gs_p,
@@ -749,7 +814,12 @@ def _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_gra
     dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, H, Nk, D, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, H, Nk, D, dtype=v.dtype, device=q.device)
-    dbias = torch.empty(B, H, Nq, Nk, dtype=lse.dtype, device=q.device) if bias_grad else lse
+    # a bias shared across the batch and/or the heads gets its gradient summed in a kernel of its own, so the
+    # [B,H,Nq,Nk] fp32 buffer exists only for a per-example, per-head bias (whose gradient is that size anyway)
+    sum_b, sum_h = (bias.stride(0) == 0 and B > 1, bias.stride(1) == 0 and H > 1) if bias_grad else (False, False)
+    reduce_bias = (sum_b or sum_h) and bias.stride(2) != 0 and bias.stride(3) != 0
+    in_dkdv = bias_grad and not reduce_bias
+    dbias = torch.empty(B, H, Nq, Nk, dtype=lse.dtype, device=q.device) if in_dkdv else lse
     dkb = torch.empty(B, H, Nk, dtype=lse.dtype, device=q.device) if kb_grad else lse
     extra, flags = _extra_args(q, bias, key_bias, gmm, H)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *extra, H, Nq, Nk,
@@ -761,7 +831,16 @@ def _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_gra
                          **consts)  # first: it writes delta
     grid_kv, _ = _grid(Nk, "BLOCK_N", B * H)
     _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, dbias, dkb, *common,
-                            BIAS_GRAD=bias_grad, KB_GRAD=kb_grad, **consts)
+                            BIAS_GRAD=in_dkdv, KB_GRAD=kb_grad, **consts)
+    if reduce_bias:
+        slices = 1 if (sum_b or B == 1) and (sum_h or H == 1) else (H if sum_b else B)
+        dbias = torch.empty(B if not sum_b else 1, H if not sum_h else 1, Nq, Nk, dtype=lse.dtype,
+                            device=q.device)
+        _attn_bwd_dbias[lambda META: (triton.cdiv(Nq, META["BLOCK_M"]) * triton.cdiv(Nk, META["BLOCK_N"]),
+                                      slices)](
+            q, k, v, do, lse, delta, dbias, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *extra,
+            B, H, Nq, Nk, scale * 1.4426950408889634, HEAD_DIM=D, SUM_B=sum_b, SUM_H=sum_h, DOT=DOT, ACC=ACC,
+            PREC=PREC, **flags)
     return dq, dk, dv, (dbias if bias_grad else None), (dkb if kb_grad else None)
 
 
