@@ -135,6 +135,13 @@ def case(op: str, C: int, H: int, B: int):
             out, sides = A.attention(q, k, v, return_cls=True)
             return out, sides["cls"]
 
+        def ours_two_kernels(q, k, v):  # the same forward; the dQ + dK/dV backward instead of the fused one
+            saved, A.FUSED_BWD_MAX_N = A.FUSED_BWD_MAX_N, 0  # read when the forward saves its context
+            try:
+                return ours(q, k, v)
+            finally:
+                A.FUSED_BWD_MAX_N = saved
+
         def eager(q, k, v):  # materialises the probabilities to read the CLS row
             p = (q @ k.transpose(-2, -1) * scale).softmax(-1)
             return p @ v, p[:, :, 0, :]
@@ -149,8 +156,9 @@ def case(op: str, C: int, H: int, B: int):
             return out, ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).float().softmax(-1)[:, :, 0]
 
         fl = 4 * B * H * N * N * d
-        return (q, k, v), {"triton": ours, "eager": eager, "compile": eager, "sdpa": sdpa, "sdpa+cls": sdpa_cls}, \
-            1, (fl, 3.5 * fl), "TFLOP/s"
+        impls = {"triton": ours, "triton_2k": ours_two_kernels, "eager": eager, "compile": eager, "sdpa": sdpa,
+                 "sdpa+cls": sdpa_cls}
+        return (q, k, v), impls, 1, (fl, 3.5 * fl), "TFLOP/s"
     if op in ("attention_colsum", "attention_diag"):  # a side output needing every row's lse
         q, k, v = (_randn(B, H, N, d) for _ in range(3))
         scale, side = d ** -0.5, op.split("_")[1]
@@ -418,6 +426,7 @@ def _chosen_configs() -> dict:
 
     out = {}
     for name, kern in (("attn_fwd", A._attn_fwd), ("attn_bwd_dkdv", A._attn_bwd_dkdv), ("attn_bwd_dq", A._attn_bwd_dq),
+                       ("attn_bwd_fused", A._attn_bwd_fused), ("attn_bwd_dbias", A._attn_bwd_dbias),
                        ("attn_sides", A._attn_sides), ("ln_fwd", getattr(LN, "_ln_fwd_kernel", None)),
                        ("ln_bwd", getattr(LN, "_ln_bwd_kernel", None))):
         cache = getattr(kern, "cache", None) or {}

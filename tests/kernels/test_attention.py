@@ -119,8 +119,15 @@ def grads(fn, q, k, v, dout, **kw):
 
 
 @needs_triton
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_kernels"])
 @pytest.mark.parametrize("B,H,Nq,Nk,D,dtype", BWD_CASES)
-def test_backward_matches_reference(B, H, Nq, Nk, D, dtype):
+def test_backward_matches_reference(B, H, Nq, Nk, D, dtype, fused, monkeypatch):
+    """Both backward paths: one program per head (N <= FUSED_BWD_MAX_N) and the dQ + dK/dV kernels."""
+    from vitlab.kernels import attention as A
+
+    if fused and max(Nq, Nk) > A.FUSED_BWD_MAX_N:
+        pytest.skip("longer than the fused backward takes")
+    monkeypatch.setattr(A, "FUSED_BWD_MAX_N", A.FUSED_BWD_MAX_N if fused else 0)
     q, k, v = make_qkv(B, H, Nq, Nk, D, dtype, grad=True)
     dout = torch.randn(B, H, Nq, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -157,10 +164,13 @@ def test_backward_through_sum_and_bias_grads():
     ((3, 1, 33, 40), True),   # shared across heads only (a per-image mask)
     ((1, 2, 1, 40), False),   # broadcast over queries too: the general path (materialise, then sum)
 ])
-def test_broadcast_bias_grad_is_reduced_in_kernel(shape, reduced, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_kernels"])
+def test_broadcast_bias_grad_is_reduced_in_kernel(shape, reduced, fused, monkeypatch):
     """A bias shared across the batch and/or heads gets its gradient summed by the dbias kernel (no
-    [B,H,Nq,Nk] fp32 buffer), and it equals the reference's."""
+    [B,H,Nq,Nk] fp32 buffer), and it equals the reference's, after either backward path."""
     from vitlab.kernels import attention as A
+
+    monkeypatch.setattr(A, "FUSED_BWD_MAX_N", A.FUSED_BWD_MAX_N if fused else 0)
 
     B, H, Nq, Nk, D = 3, 2, 33, 40, 16
     q, k, v = make_qkv(B, H, Nq, Nk, D, grad=True)
@@ -438,3 +448,17 @@ def test_gpu_tiles_bias_and_key_bias_gradients(gpu_tiles, no_fallback):
     want = torch.autograd.grad(ref, leaves, dout.double())
     for name, a, b in zip(("dq", "dk", "dv", "dbias", "dkey_bias"), got, want):
         assert max_err(a, b) < 2e-5, name
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_kernels"])
+def test_backward_is_deterministic(fused, monkeypatch):
+    """No atomics in either backward path: the same inputs give the same gradient bits every run."""
+    from vitlab.kernels import attention as A
+
+    monkeypatch.setattr(A, "FUSED_BWD_MAX_N", A.FUSED_BWD_MAX_N if fused else 0)
+    q, k, v = make_qkv(2, 2, 70, 70, 32, grad=True)
+    bias = torch.randn(2, 70, 70, generator=torch.Generator().manual_seed(6)).to(DEVICE).requires_grad_()
+    dout = torch.randn(2, 2, 70, 32, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    first, second = (torch.autograd.grad(attention(q, k, v, bias=bias), (q, k, v, bias), dout) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -26,7 +26,9 @@ read the same K and V run together and find them in L2 (a 1-D grid past axis 1's
 Dispatch: CUDA tensors → Triton; CPU tensors with TRITON_INTERPRET=1 → Triton in the interpreter (tests);
 anything else → `attention_ref` (pure PyTorch, also the test oracle), or SDPA when nothing extra is asked.
 
-Backward: two kernels and no pre-pass. The dQ kernel (a program per query tile) runs first and also writes
+Backward, short sequences (N <= 256, a ViT's 197): one program per (batch, head) computes delta, then walks the
+key tiles with dK/dV in registers and adds each tile's dQ share into an fp32 scratch only it touches: every
+probability tile is recomputed once. Longer sequences: two kernels and no pre-pass. The dQ kernel (a program per query tile) runs first and also writes
 each row's delta_i = out_i . dout_i; the dK/dV kernel (a program per key tile) then works on transposed tiles,
 S^T = k q^T with q loaded transposed, so P^T and dS^T never need a register transpose.
 
@@ -539,6 +541,102 @@ if HAS_TRITON:
         tl.store(DQ + pid_bh * Nq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
 
+    def _fused_bwd_configs():
+        if interpreting():
+            return [triton.Config({"BLOCK_M": 256, "BLOCK_N": 256}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=nw, num_stages=st)
+                for m, n, nw in ((64, 64, 4), (32, 64, 4), (64, 128, 8)) for st in (1, 2)]
+
+    @triton.autotune(configs=_fused_bwd_configs(), key=["Nq", "Nk", "HEAD_DIM"], reset_to_zero=["DQacc"])
+    @triton.jit
+    def _attn_bwd_fused(Q, K, V, O, DO, LSE, Delta, DQacc, DQ, DK, DV, DBias, DKB,
+                        s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+                        s_dob, s_doh, s_don,
+                        Bias, s_bb, s_bh, s_bm, s_bn, KB, s_kbb, s_kbh, s_kbn,
+                        CQ, s_cqb, s_cqn, s_cqc, CK, s_ckb, s_ckn, s_ckc, GW, GS, s_gh,
+                        H, Nq, Nk, qk_scale, scale,
+                        HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, GMM_M: tl.constexpr,
+                        BIAS_GRAD: tl.constexpr, KB_GRAD: tl.constexpr,
+                        DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The whole backward of one (batch, head) in one program, for short sequences (N <= 256: a ViT's 197):
+        each probability tile is recomputed once, not twice (the two-kernel path recomputes S and dP in the dQ
+        kernel and again in the dK/dV kernel: 2 of its 7 tile products).
+            1. delta_i = out_i . dout_i for every row;
+            2. per key tile j (dk_j, dv_j in registers), per query tile i:
+                 dv_j += p^T do_i,  ds = p (do_i v_j^T - delta_i),  dk_j += ds^T q_i,  dq_i += ds k_j
+               where dq_i is a fp32 scratch row block only this program touches: read-add-write through L2,
+               no atomics, the same order every run (deterministic);
+            3. dq = scale * scratch, in the input dtype.
+        The price is parallelism: B*H programs instead of tiles x B*H, plenty for a training batch."""
+        pid_bh = tl.program_id(0)
+        b = pid_bh // H
+        h = pid_bh % H
+        bias_p, kb_p, cq_p, ck_p, gw_p, gs_p = _extra_ptrs(b, h, Bias, s_bb, s_bh, KB, s_kbb, s_kbh,
+                                                           CQ, s_cqb, CK, s_ckb, GW, GS, s_gh,
+                                                           HAS_BIAS, HAS_KB, GMM_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_base = Q + b * s_qb + h * s_qh
+        do_base = DO + b * s_dob + h * s_doh
+        acc_base = DQacc + pid_bh * Nq * HEAD_DIM
+        for start_m in range(0, Nq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < Nq
+            o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :], mask=mask_m[:, None],
+                        other=0.0).to(ACC)
+            do = tl.load(do_base + offs_m[:, None] * s_don + offs_d[None, :], mask=mask_m[:, None],
+                         other=0.0).to(ACC)
+            tl.store(Delta + pid_bh * Nq + offs_m, tl.sum(o * do, 1), mask=mask_m)
+        tl.debug_barrier()  # every row's delta is in memory before any thread reads one back
+        for start_n in range(0, Nk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < Nk
+            k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
+                        mask=mask_n[:, None], other=0.0).to(DOT)  # [BN, D]
+            v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :],
+                        mask=mask_n[:, None], other=0.0).to(DOT)
+            dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+            dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+            dkb = tl.zeros([BLOCK_N], dtype=ACC)
+            for start_m in range(0, Nq, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < Nq
+                q = tl.load(q_base + offs_m[:, None] * s_qn + offs_d[None, :], mask=mask_m[:, None],
+                            other=0.0).to(DOT)  # [BM, D]
+                do = tl.load(do_base + offs_m[:, None] * s_don + offs_d[None, :], mask=mask_m[:, None],
+                             other=0.0).to(DOT)
+                lse = tl.load(LSE + pid_bh * Nq + offs_m, mask=mask_m, other=0.0)
+                delta = tl.load(Delta + pid_bh * Nq + offs_m, mask=mask_m, other=0.0)
+                s = _scores(q, k, offs_m, offs_n, Nq, Nk, qk_scale, bias_p, s_bm, s_bn, kb_p, s_kbn,
+                            cq_p, s_cqn, s_cqc, ck_p, s_ckn, s_ckc, gw_p, gs_p,
+                            HAS_BIAS, HAS_KB, GMM_M, PREC).to(ACC)  # [BM, BN]
+                p = tl.where(mask_m[:, None], tl.exp2(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(DOT)), do, input_precision=PREC).to(ACC)  # [BN, D]
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
+                ds = p * (dp - delta[:, None])
+                ds_dot = ds.to(DOT)
+                dk += tl.dot(tl.trans(ds_dot), q, input_precision=PREC).to(ACC)
+                acc_ptr = acc_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+                dq = tl.load(acc_ptr, mask=mask_m[:, None], other=0.0)
+                tl.store(acc_ptr, dq + tl.dot(ds_dot, k, input_precision=PREC).to(ACC), mask=mask_m[:, None])
+                if BIAS_GRAD:
+                    tl.store(DBias + pid_bh * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :], ds,
+                             mask=mask_m[:, None] & mask_n[None, :])
+                if KB_GRAD:
+                    dkb += tl.sum(ds, 0)
+            out = pid_bh * Nk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=mask_n[:, None])
+            tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+            if KB_GRAD:
+                tl.store(DKB + pid_bh * Nk + offs_n, dkb, mask=mask_n)
+            tl.debug_barrier()  # the next key tile adds into the dq rows this one wrote
+        for start_m in range(0, Nq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < Nq
+            rows = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            dq = tl.load(acc_base + rows, mask=mask_m[:, None], other=0.0)
+            tl.store(DQ + pid_bh * Nq * HEAD_DIM + rows, (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
+
     def _dbias_configs():
         if interpreting():
             return [triton.Config({"BLOCK_M": 256, "BLOCK_N": 256}, num_warps=4)]
@@ -752,6 +850,10 @@ def _empty_like_layout(q, N):
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1
+# Sequences up to this long take the one-program-per-head backward (_attn_bwd_fused); longer ones the two
+# kernels, whose tiles x B*H programs fill the GPU when one head's work no longer fits one program. Not yet tuned
+# on a GPU: benchmarks/kernels.py times both ("triton" vs "triton_2k" in the attention rows).
+FUSED_BWD_MAX_N = 256
 
 
 def _grid(n: int, block: str, bh: int):
@@ -803,7 +905,7 @@ def _sides(q, k, lse, scale, bias, key_bias, gmm, want):
     return {name: sides[name] for name in SIDE_NAMES if name in want}
 
 
-def _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_grad):
+def _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_grad, fused):
     """Triton backward: dq, dk, dv (contiguous, input dtype) and, if asked, the fp32 gradients of the
     expanded bias [B,H,Nq,Nk] and key bias [B,H,Nk] (the caller sums them back to the given shapes)."""
     B, H, Nq, D = q.shape
@@ -824,14 +926,21 @@ def _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_gra
     extra, flags = _extra_args(q, bias, key_bias, gmm, H)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *extra, H, Nq, Nk,
               scale * 1.4426950408889634, scale)
-    grid_q, flat = _grid(Nq, "BLOCK_M", B * H)
-    consts = dict(HEAD_DIM=D, FLAT=flat, DOT=DOT, ACC=ACC, PREC=PREC, **flags)
-    _attn_bwd_dq[grid_q](q, k, v, o, do, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v),
-                         *_strides3(o), *_strides3(do), *extra, H, Nq, Nk, scale * 1.4426950408889634, scale,
-                         **consts)  # first: it writes delta
-    grid_kv, _ = _grid(Nk, "BLOCK_N", B * H)
-    _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, dbias, dkb, *common,
-                            BIAS_GRAD=in_dkdv, KB_GRAD=kb_grad, **consts)
+    if fused:  # one program per (batch, head) does it all
+        dq_acc = torch.zeros(B, H, Nq, D, dtype=lse.dtype, device=q.device)
+        _attn_bwd_fused[(B * H,)](q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, dbias, dkb,
+                                  *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_strides3(do),
+                                  *extra, H, Nq, Nk, scale * 1.4426950408889634, scale, HEAD_DIM=D,
+                                  BIAS_GRAD=in_dkdv, KB_GRAD=kb_grad, DOT=DOT, ACC=ACC, PREC=PREC, **flags)
+    else:
+        grid_q, flat = _grid(Nq, "BLOCK_M", B * H)
+        consts = dict(HEAD_DIM=D, FLAT=flat, DOT=DOT, ACC=ACC, PREC=PREC, **flags)
+        _attn_bwd_dq[grid_q](q, k, v, o, do, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v),
+                             *_strides3(o), *_strides3(do), *extra, H, Nq, Nk, scale * 1.4426950408889634, scale,
+                             **consts)  # first: it writes delta
+        grid_kv, _ = _grid(Nk, "BLOCK_N", B * H)
+        _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, dbias, dkb, *common,
+                                BIAS_GRAD=in_dkdv, KB_GRAD=kb_grad, **consts)
     if reduce_bias:
         slices = 1 if (sum_b or B == 1) and (sum_h or H == 1) else (H if sum_b else B)
         dbias = torch.empty(B if not sum_b else 1, H if not sum_h else 1, Nq, Nk, dtype=lse.dtype,
@@ -855,6 +964,7 @@ class _FlashAttention(torch.autograd.Function):
         o, lse, cls, diag = _forward(q, k, v, scale, bias, key_bias, gmm, want_cls, want_diag)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.extras = (bias_in, key_bias_in, bias, key_bias, gmm, scale)
+        ctx.fused = max(q.shape[2], k.shape[2]) <= FUSED_BWD_MAX_N  # decided here: the benchmark times both
         ctx.mark_non_differentiable(lse, *(t for t in (cls, diag) if t is not None))
         ctx.set_materialize_grads(False)  # no zero-filled dout when nothing downstream needs the output
         return o, lse, cls, diag
@@ -866,7 +976,8 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         bias_in, key_bias_in, bias, key_bias, gmm, scale = ctx.extras
         bias_grad, kb_grad = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dq, dk, dv, dbias, dkb = _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_grad)
+        dq, dk, dv, dbias, dkb = _backward(do, q, k, v, o, lse, scale, bias, key_bias, gmm, bias_grad, kb_grad,
+                                           ctx.fused)
         if dbias is not None:  # undo the broadcast: sum over the dims the user's bias did not have
             dbias = dbias.sum_to_size(bias_in.shape).to(bias_in.dtype)
         if dkb is not None:  # [B,H,Nk] -> the user's [B,Nk] or [B|1, H|1, Nk]
