@@ -85,3 +85,20 @@ def test_measure_row_has_the_chapters_columns():
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def _fake_runs(gains):
+    return {s: (None, {"history": {"epoch": [1, 2, 3], "val_acc": [0.5, 0.8, 0.9]},
+                       "metrics": {"plateau_gain": g}}) for s, g in enumerate(gains)}
+
+
+def test_plateau_text_and_training_plot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = {"ViT": _fake_runs([0.0, 0.01, 0.005]), "X": _fake_runs([0.002, 0.0, 0.0])}
+    assert recipes.plateau_text(runs).endswith("plateaued).") and "ViT +0.0%, +1.0%, +0.5%" in recipes.plateau_text(runs)
+    runs["X"] = _fake_runs([0.05, 0.0, 0.0])
+    assert "not fully plateaued" in recipes.plateau_text(runs)
+    ax = recipes.plot_training(runs)
+    assert len(ax.lines) == 6 and [t.get_text() for t in ax.get_legend().get_texts()] == ["ViT", "X"]

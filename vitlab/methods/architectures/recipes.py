@@ -37,7 +37,8 @@ from vitlab.profiles import Profile
 from vitlab.profiles import profile as get_profile
 
 __all__ = ["DATASETS", "SEEDS", "TRAIN", "STEPS", "register", "registered", "data", "train_kwargs", "seeds",
-           "trained", "model_name", "entry_name", "check_matched", "measure_row", "BASELINE"]
+           "trained", "model_name", "entry_name", "check_matched", "measure_row", "BASELINE", "plot_training",
+           "plateau_text"]
 
 # name -> (vitlab.data name, its keyword arguments, training images in the cpu profile). Small on purpose:
 # the chapter's claims are about inductive bias, which shows when data are scarce.
@@ -173,3 +174,35 @@ def measure_row(name: str, model: nn.Module, test, *, latency_batch: int = 64, r
     return {"method": name, "accuracy": measure.accuracy(model, test), "params": measure.count_params(model),
             "gflops": measure.flops(model, inputs[:8]) / 1e9, "throughput": lat["throughput"],
             "latency_ms": lat["median_ms"]}
+
+
+def plot_training(runs: dict, key: str = "val_acc", ax=None, ylim=(0.8, 1.0)):
+    """Every seed's stored training curve, one colour per architecture: ``runs`` maps a label to
+    {seed: (model, info)} as ``trained`` returns them. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.2))
+    for i, (label, by_seed) in enumerate(runs.items()):
+        for j, (_, info) in enumerate(by_seed.values()):
+            h = info["history"]
+            ax.plot(h["epoch"], h[key], color=f"C{i}", alpha=0.7, label=label if j == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key.replace("_", " "))
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.legend()
+    ax.set_title(f"{key.replace('_', ' ')} while training ({len(next(iter(runs.values())))} seeds each)")
+    return ax
+
+
+def plateau_text(runs: dict, threshold: float = 0.015) -> str:
+    """One sentence on whether every run plateaued: the val-accuracy gain over the last quarter of training per
+    seed (``plateau_gain``), against ``threshold``."""
+    gains = {label: [info["metrics"]["plateau_gain"] for _, info in by_seed.values()]
+             for label, by_seed in runs.items()}
+    worst = max(max(g) for g in gains.values())
+    return ("Validation gain over the last quarter of training, per seed: "
+            + "; ".join(f"{label} " + ", ".join(f"{g:+.1%}" for g in gs) for label, gs in gains.items())
+            + (f" (all within {threshold:.1%}: plateaued)." if worst <= threshold else
+               f" (some still rose more than {threshold:.1%}: not fully plateaued)."))
