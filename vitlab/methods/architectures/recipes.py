@@ -42,8 +42,9 @@ __all__ = ["DATASETS", "SEEDS", "TRAIN", "STEPS", "register", "registered", "dat
 
 # name -> (vitlab.data name, its keyword arguments, training images in the cpu profile). Small on purpose:
 # the chapter's claims are about inductive bias, which shows when data are scarce.
-DATASETS: dict[str, tuple[str, dict, int]] = {
+DATASETS: dict[str, tuple[str, dict, int | None]] = {
     "digits": ("mnist5k", {}, 2000),
+    "digits8": ("digits8", {}, None),  # scikit-learn's 8x8 digits, all 1,257 training images (patch-size sweeps)
 }
 GPU_DATASET = ("cifar100", {})  # every chapter-1 dataset becomes CIFAR-100 in the gpu profile
 DATA_SEED = 0  # generated datasets use one seed for every model and training seed: the same test images
