@@ -102,3 +102,9 @@ def test_plateau_text_and_training_plot():
     assert "not fully plateaued" in recipes.plateau_text(runs)
     ax = recipes.plot_training(runs)
     assert len(ax.lines) == 6 and [t.get_text() for t in ax.get_legend().get_texts()] == ["ViT", "X"]
+
+
+def test_import_all_registers_the_chapter():
+    found = recipes.import_all()
+    assert {"shift_equivariant", "ggem_pooling", "l2vit"} <= set(found) and set(found) <= set(recipes.MODULES)
+    assert recipes.registered("shift_equivariant") == "digits" and recipes.registered("patch_scaling_p1") == "digits8"

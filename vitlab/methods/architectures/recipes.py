@@ -38,7 +38,12 @@ from vitlab.profiles import profile as get_profile
 
 __all__ = ["DATASETS", "SEEDS", "TRAIN", "STEPS", "register", "registered", "data", "train_kwargs", "seeds",
            "trained", "model_name", "entry_name", "check_matched", "measure_row", "BASELINE", "plot_training",
-           "plateau_text"]
+           "plateau_text", "MODULES", "import_all"]
+
+# Every chapter-1 module: importing one registers its architectures (``register``); ``import_all`` imports them all
+# (for the comparison and for lessons that look across the chapter).
+MODULES = ("t2t_vit", "crossvit", "volo", "dhvt", "dualtoken_vit", "cas_vit", "duoformer", "channelvit", "l2vit",
+           "gmm_attention", "hyena_nd", "vit_resnas", "as_vit", "shift_equivariant", "patch_scaling", "ggem_pooling")
 
 # name -> (vitlab.data name, its keyword arguments, training images in the cpu profile). Small on purpose:
 # the chapter's claims are about inductive bias, which shows when data are scarce.
@@ -102,6 +107,19 @@ def register(method: str, builder: Callable[..., nn.Module], *, dataset: str = "
         zoo.register(f"{name}_cifar100_s{seed}", zoo.Recipe(
             model=name, data=GPU_DATASET[0], data_kwargs=dict(GPU_DATASET[1]), fit=dict(GPU_TRAIN), seed=seed,
             per_profile={"gpu": dict(steps=STEPS["gpu"])}))
+
+
+def import_all() -> list[str]:
+    """Import every chapter-1 module that exists (so every architecture is registered); returns their names."""
+    import importlib
+    import importlib.util
+
+    found = []
+    for name in MODULES:
+        if importlib.util.find_spec(f"{__package__}.{name}") is not None:
+            importlib.import_module(f"{__package__}.{name}")
+            found.append(name)
+    return found
 
 
 def registered(method: str) -> str:
