@@ -7,6 +7,7 @@ from ..profiles import Profile
 from ..profiles import profile as get_profile
 from .dataset import ImageDataset, check_split, stratified_prefix
 from .longtail import check_imbalance, long_tailed
+from .multichannel import multichannel_digits
 from .offline import digits8, mnist5k
 from .online import cifar10, cifar100
 from .scenes import cluttered_scenes
@@ -32,6 +33,7 @@ DATASETS = {
     "mnist5k_lt": _mnist5k_lt,
     "digits8": digits8,
     "cluttered_scenes": cluttered_scenes,
+    "multichannel_digits": multichannel_digits,
     "cifar10": cifar10,
     "cifar100": cifar100,
 }

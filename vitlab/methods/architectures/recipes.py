@@ -50,6 +50,7 @@ MODULES = ("t2t_vit", "crossvit", "volo", "dhvt", "dualtoken_vit", "cas_vit", "d
 DATASETS: dict[str, tuple[str, dict, int | None]] = {
     "digits": ("mnist5k", {}, 2000),
     "digits8": ("digits8", {}, None),  # scikit-learn's 8x8 digits, all 1,257 training images (patch-size sweeps)
+    "channels": ("multichannel_digits", {}, 2000),  # the same 2,000 digits as 4 partly redundant channels
 }
 GPU_DATASET = ("cifar100", {})  # every chapter-1 dataset becomes CIFAR-100 in the gpu profile
 DATA_SEED = 0  # generated datasets use one seed for every model and training seed: the same test images
