@@ -284,3 +284,16 @@ def test_register_rejects_an_unknown_or_mismatched_init():
         zoo.register("t_bad_init", zoo.Recipe(model="vit_tiny", data="digits8", init="no_such_base"))
     with pytest.raises(ValueError, match="must be a registered 'vit_tiny' entry"):
         zoo.register("t_bad_init", zoo.Recipe(model="vit_tiny", data="digits8", init=zh.NAME))  # a vit_nano base
+
+
+def test_state_hash_covers_batchnorm_counters_and_keeps_old_hashes():
+    """A 0-dim tensor (BatchNorm's num_batches_tracked) hashes, and changes the hash when it changes; the hash of a
+    committed checkpoint without one is what it was when it was written."""
+    import torch
+
+    bn = torch.nn.BatchNorm2d(3)
+    before = zoo.state_hash(bn.state_dict())
+    bn.num_batches_tracked += 1
+    assert zoo.state_hash(bn.state_dict()) != before
+    payload = zoo.load_checkpoint(zoo.checkpoint_dir() / "vit_tiny_mnist5k-cpu.pt")
+    assert zoo.state_hash(payload["state_dict"]) == payload["sha256"]
