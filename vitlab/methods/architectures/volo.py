@@ -23,8 +23,7 @@ class-attention blocks (a CLS token reads the tokens; only the CLS is updated) b
 
 State-dict keys equal timm's ``VOLO`` (``patch_embed.conv.*`` / ``patch_embed.proj``, ``network.0.i.attn.{v,attn,
 proj}``, ``network.1.proj`` (downsample), ``network.k.i.attn.{qkv,proj}``, ``pos_embed``, ``cls_token``,
-``post_network.i.attn.{kv,q,proj}``, ``norm``, ``head``, ``aux_head``), so timm's weights load as they are (the stem's
-batch norms keep no ``num_batches_tracked`` counter, unused at momentum 0.1: a state dict's counters are dropped).
+``post_network.i.attn.{kv,q,proj}``, ``norm``, ``head``, ``aux_head``), so timm's weights load as they are.
 
 Deviations from the official code (at the lesson's scale; none changes the forward on the same weights):
 - the layout is fixed to VOLO's one: stage 0 Outlookers, one 2× downsample, then MHSA stages (the official
@@ -52,7 +51,7 @@ from vitlab.checks import check_int, check_ndim, check_number
 from vitlab.models.vit import Block
 
 __all__ = ["OutlookAttention", "Outlooker", "ClassAttention", "ClassBlock", "Stem", "Downsample", "VOLO", "TINY",
-           "BatchNorm2d"]
+]
 
 # The lesson's VOLO-tiny on 28-px digits: stem to 14×14 (patch 2, 8 hidden channels), 1 Outlooker (width 24, 1 head,
 # K 3, stride 2), downsample to 7×7, 1 MHSA block (width 64, 4 heads), 1 class-attention block, MLP ratio 3 (VOLO's).
@@ -168,20 +167,6 @@ class ClassBlock(nn.Module):
         return torch.cat([cls, x[:, 1:]], dim=1)
 
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d without the ``num_batches_tracked`` counter. BatchNorm reads it only when momentum is None
-    (VOLO uses 0.1), and the zoo's checkpoint hash cannot take its 0-dim integer tensor. A timm / official state
-    dict still loads strictly: its counters are accepted and dropped."""
-
-    def __init__(self, num_features: int):
-        super().__init__(num_features)
-        self.num_batches_tracked = None
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, {**local_metadata, "version": 2}, *args, **kwargs)
-
-
 class Stem(nn.Module):
     """VOLO's patch embedding: conv 7×7 stride 2 + two conv 3×3 (each BN + ReLU), then a (p/2)×(p/2) stride-p/2
     projection: an image [B, C, H, W] -> [B, D, H/p, W/p]."""
@@ -189,11 +174,11 @@ class Stem(nn.Module):
     def __init__(self, in_chans: int, hidden_dim: int, embed_dim: int, patch_size: int):
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(in_chans, hidden_dim, 7, stride=2, padding=3, bias=False), BatchNorm2d(hidden_dim),
+            nn.Conv2d(in_chans, hidden_dim, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(hidden_dim),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, bias=False), BatchNorm2d(hidden_dim),
+            nn.Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(hidden_dim),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, bias=False), BatchNorm2d(hidden_dim),
+            nn.Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(hidden_dim),
             nn.ReLU(inplace=True))
         self.proj = nn.Conv2d(hidden_dim, embed_dim, patch_size // 2, stride=patch_size // 2)
 
