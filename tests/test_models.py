@@ -1,6 +1,7 @@
 """The course ViT is timm's ViT (same keys, same logits) plus attention side outputs."""
 import pytest
 import torch
+import torch.nn as nn
 from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
@@ -122,3 +123,26 @@ def test_attention_is_its_three_shared_steps():
     assert torch.allclose(logits[0, 1, 2, 3], hand, atol=1e-6)
     out = attn.merge_heads(logits.softmax(-1) @ v)
     assert torch.allclose(out, attn(x), atol=1e-6)
+
+
+def test_init_linear_is_timms_vit_init_in_module_order():
+    from timm.layers import trunc_normal_
+
+    from vitlab.models import init_linear_
+
+    def net():
+        return nn.Sequential(nn.Linear(64, 256), nn.LayerNorm(256), nn.Sequential(nn.Linear(256, 32, bias=False)))
+
+    torch.manual_seed(0)
+    a = net()
+    init_linear_(a)
+    torch.manual_seed(0)
+    b = net()
+    for m in (b[0], b[2][0]):  # the same draws, in the same order, as a hand-written loop
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert torch.equal(a[0].bias, torch.zeros(256)) and torch.equal(a[1].weight, torch.ones(256))
+    assert abs(a[0].weight.std().item() - 0.02) < 0.002

@@ -1,6 +1,5 @@
 """Patch-size scaling (CURRICULUM.md #16): the sweep's configurations and the power-law fit."""
 import pytest
-import torch
 
 from vitlab.methods.architectures import patch_scaling as S
 from vitlab.methods.architectures import recipes

@@ -22,7 +22,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 
 from vitlab.checks import check_number
 
-__all__ = ["PatchEmbed", "Attention", "Block", "VisionTransformer", "SIDE_OUTPUTS"]
+__all__ = ["PatchEmbed", "Attention", "Block", "VisionTransformer", "SIDE_OUTPUTS", "init_linear_"]
 
 SIDE_OUTPUTS = ("probs", "cls", "colsum", "diag")
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -217,6 +217,19 @@ class Block(nn.Module):
         return (x, sides) if side else x
 
 
+def init_linear_(module: nn.Module, std: float = 0.02) -> None:
+    """timm's ViT init for every ``nn.Linear`` inside ``module``: weight trunc-normal(0, std), bias zero.
+
+    Norms keep PyTorch's 1 / 0 and convolutions their default, as in timm. The Linears are visited in
+    ``module.modules()`` order, so the random stream (and a seeded model) is the same as a per-module loop's.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al., 2021) with timm's parameter names.
 
@@ -280,11 +293,7 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

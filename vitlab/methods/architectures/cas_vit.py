@@ -46,10 +46,10 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
 
 from vitlab.checks import check_int
 from vitlab.methods.architectures import recipes
+from vitlab.models.vit import init_linear_
 
 __all__ = ["SpatialOperation", "ChannelOperation", "AdditiveTokenMixer", "LocalIntegration", "Mlp", "AdditiveBlock",
            "Embedding", "stem", "stage", "RCViT", "TINY"]
@@ -234,14 +234,7 @@ class RCViT(nn.Module):
         self.network = nn.ModuleList(network)
         self.norm = nn.BatchNorm2d(embed_dims[-1])
         self.head = nn.Linear(embed_dims[-1], num_classes)
-        self.apply(self._init_linear)
-
-    @staticmethod
-    def _init_linear(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans \

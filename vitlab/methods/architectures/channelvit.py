@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from vitlab.checks import check_int, check_ndim
 from vitlab.models.layers import trunc_normal_
-from vitlab.models.vit import Block, LayerNorm, VisionTransformer
+from vitlab.models.vit import Block, LayerNorm, VisionTransformer, init_linear_
 
 from . import recipes
 
@@ -79,10 +79,7 @@ class ChannelViT(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -106,7 +103,6 @@ class ChannelViT(nn.Module):
             keep = sample_channels(len(channels)).to(x.device)
             x, channels = x[:, keep], channels[keep]
         tokens = self.patch_embed(x, channels)  # [B, C N, D]
-        n = self.patch_embed.num_patches
         pos = torch.cat([self.pos_embed[:, :1], self.pos_embed[:, 1:].repeat(1, len(channels), 1)], dim=1)
         tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + pos
         return self.head(self.norm(self.blocks(tokens))[:, 0])

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from vitlab.checks import check_int
-from vitlab.models.vit import Attention, Block, LayerNorm, PatchEmbed
+from vitlab.models.vit import Attention, Block, LayerNorm, PatchEmbed, init_linear_
 
 __all__ = ["CrossAttention", "CrossAttentionBlock", "MultiScaleBlock", "CrossViT", "AllToAllFusion",
            "from_official_keys", "TINY", "BRANCH_TOKENS"]
@@ -210,11 +210,7 @@ class CrossViT(nn.Module):
         for b in range(self.num_branches):
             trunc_normal_(getattr(self, f"pos_embed_{b}"), std=0.02)
             trunc_normal_(getattr(self, f"cls_token_{b}"), std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

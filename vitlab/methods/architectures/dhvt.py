@@ -39,6 +39,7 @@ import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
 
 from vitlab.checks import check_int, check_number
+from vitlab.models.vit import init_linear_
 
 from . import recipes
 
@@ -237,19 +238,7 @@ class DHVT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # the official init (timm's _init_vit_weights without a name): Linear trunc-normal 0.02, norms 1 / 0,
-        # convs keep PyTorch's default
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_linear_(self)  # the official init (timm's): Linear trunc-normal 0.02; norms, convs default
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -45,7 +45,6 @@ ablation the lesson trains as ``dualtoken_vit_noglobal``.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -55,6 +54,7 @@ from timm.layers import trunc_normal_
 
 from vitlab.checks import check_int
 from vitlab.methods.architectures import recipes
+from vitlab.models.vit import init_linear_
 
 __all__ = ["LocalBranch", "StepwiseDownsample", "GlobalBranch", "DualTokenBlock", "DualTokenViT", "TINY",
            "TINY_NOGLOBAL", "downsample_steps"]
@@ -242,14 +242,7 @@ class DualTokenViT(nn.Module):
         self.head = nn.Linear(embed_dims[-1], num_classes)
         if self.global_init is not None:
             trunc_normal_(self.global_init, std=0.02)
-        self.apply(self._init_linear)
-
-    @staticmethod
-    def _init_linear(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     def no_weight_decay(self) -> set[str]:
         return {"global_init"}

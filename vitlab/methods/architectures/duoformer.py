@@ -31,7 +31,7 @@ from timm.layers import LayerScale
 
 from vitlab.checks import check_int, check_ndim
 from vitlab.models.layers import trunc_normal_
-from vitlab.models.vit import Block, LayerNorm
+from vitlab.models.vit import Block, LayerNorm, init_linear_
 
 from . import recipes
 
@@ -106,10 +106,7 @@ class DuoFormer(nn.Module):
         self.norm = LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     @staticmethod
     def _block(dim, heads, mlp_ratio, layerscale=False):

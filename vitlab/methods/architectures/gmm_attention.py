@@ -24,7 +24,6 @@ xavier init; qkv with bias (the official has none); ``num_kernels`` 5 as the off
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitlab.checks import check_choice, check_int, check_ndim
-from vitlab.models.vit import Block, LayerNorm, VisionTransformer
+from vitlab.models.vit import VisionTransformer
 
 from . import recipes
 

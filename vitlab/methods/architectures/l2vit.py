@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from vitlab.checks import check_choice, check_int, check_ndim
 from vitlab.kernels.linear_attention import linear_attention
-from vitlab.models.layers import trunc_normal_
+from vitlab.models.vit import init_linear_
 
 from . import recipes
 
@@ -225,14 +225,7 @@ class L2ViT(nn.Module):
                 LGABlock(dim, heads, mlp_ratio, **VARIANTS[variant]) for i in range(depth)]))
         self.norm = nn.LayerNorm(dims[1])
         self.head = nn.Linear(dims[1], num_classes)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     def forward_tokens(self, x: torch.Tensor, stop_at: tuple[int, int] | None = None):
         """Tokens through the stages; with ``stop_at=(stage, block)`` returns (tokens entering that block, size)."""

@@ -30,8 +30,7 @@ import torch
 import torch.nn as nn
 
 from vitlab.checks import check_int, check_model, check_ndim
-from vitlab.models.layers import trunc_normal_
-from vitlab.models.vit import Block, LayerNorm
+from vitlab.models.vit import Block, LayerNorm, init_linear_
 
 from . import recipes
 
@@ -116,10 +115,7 @@ class PolyViT(nn.Module):
         self.norm = LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
 from vitlab.checks import check_int, check_number
-from vitlab.models.vit import Block
+from vitlab.models.vit import Block, init_linear_
 
 from . import recipes
 
@@ -248,17 +248,7 @@ class T2TViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

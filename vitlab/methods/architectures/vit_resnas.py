@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from vitlab.checks import check_int, check_ndim
 from vitlab.models.layers import trunc_normal_
+from vitlab.models.vit import init_linear_
 
 from . import recipes
 
@@ -141,10 +142,7 @@ class ResNASViT(nn.Module):
         self.norm = nn.LayerNorm(dims[1])
         self.head = nn.Linear(dims[1], num_classes)
         trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     @property
     def blocks(self) -> list[MaskedBlock]:

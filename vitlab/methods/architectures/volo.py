@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
 from vitlab.checks import check_int, check_ndim, check_number
-from vitlab.models.vit import Block
+from vitlab.models.vit import Block, init_linear_
 
 __all__ = ["OutlookAttention", "Outlooker", "ClassAttention", "ClassBlock", "Stem", "Downsample", "VOLO", "TINY",
 ]
@@ -254,11 +254,7 @@ class VOLO(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linear_(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

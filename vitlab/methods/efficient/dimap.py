@@ -44,7 +44,6 @@ import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from vitlab.checks import check_int as _check_int, check_model as _check_model
 
 __all__ = ["DEFAULTS", "MODULE_KINDS", "METHODS", "tiny_swin", "prunable", "module_groups", "dimap_importance",
