@@ -55,6 +55,9 @@ def test_models_and_matched_parameters():
         assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
         recipes.check_matched(m, vit)
     assert not hasattr(single, "scale_blocks") and len(single.patch_blocks) == 4
+    for m in (duo, single):  # no dead parameters: the counts above are what is trained
+        m(torch.randn(2, 1, 28, 28)).sum().backward()
+        assert all(p.grad is not None for p in m.parameters())
 
 
 @pytest.mark.parametrize("call, match", [

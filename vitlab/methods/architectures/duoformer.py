@@ -90,7 +90,8 @@ class DuoFormer(nn.Module):
         self.pad = (32 - img_size) // 2, 32 - img_size - (32 - img_size) // 2
         self.cnn = TinyPyramid(in_chans, widths)
         self.coarse = 4  # 32 px / 8
-        self.proj = nn.ModuleList([nn.Linear(w, embed_dim) for w in widths])
+        # one projection per map that becomes tokens (the single-scale hybrid tokenises only the coarsest)
+        self.proj = nn.ModuleList([nn.Linear(w, embed_dim) for w in (widths[-1:] if single_scale else widths)])
         if not single_scale:
             self.register_buffer("idx_fine", region_index(4, 4), persistent=False)  # [16, 16]
             self.register_buffer("idx_mid", region_index(4, 2), persistent=False)  # [16, 4]
@@ -132,7 +133,7 @@ class DuoFormer(nn.Module):
         x = F.pad(x, (self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
         maps = self.cnn(x)
         if self.single_scale:
-            tokens = self.proj[2](maps[2].flatten(2).transpose(1, 2))  # [B, 16, D]
+            tokens = self.proj[0](maps[-1].flatten(2).transpose(1, 2))  # [B, 16, D]
         else:
             regions = self.region_tokens(maps)  # [B, R, 22, D]
             B, R, K, D = regions.shape
