@@ -20,3 +20,16 @@ def toy_train(n: int = 64, num_classes: int = 5, img_size: int = 16, seed: int =
     return ImageDataset(torch.rand(n, 3, img_size, img_size, generator=g),
                         torch.randint(0, num_classes, (n,), generator=g), name="toy", split="train",
                         classes=[str(c) for c in range(num_classes)])
+
+
+def assert_rejects_bad_images(model, in_chans: int, img_size: int) -> None:
+    """``model`` raises a ValueError naming in_chans / img_size / the image batch for wrong channels, a wrong size
+    and a 3-D input."""
+    import pytest
+
+    with pytest.raises(ValueError, match=f"in_chans={in_chans}"):
+        model(torch.randn(1, in_chans + 2, img_size, img_size))
+    with pytest.raises(ValueError, match=f"img_size={img_size}"):
+        model(torch.randn(1, in_chans, img_size + 4, img_size + 4))
+    with pytest.raises(ValueError, match="image batch"):
+        model(torch.randn(1, img_size, img_size))

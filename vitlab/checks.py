@@ -4,9 +4,11 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
 import torch.nn as nn
 
-__all__ = ["check_int", "check_number", "check_choice", "check_ndim", "check_model", "check_cls_vit"]
+__all__ = ["check_int", "check_number", "check_choice", "check_ndim", "check_heads", "check_images", "check_model",
+           "check_cls_vit"]
 
 
 def check_int(value, name: str, fn: str, *, low: int = 1, high: int | None = None) -> int:
@@ -52,6 +54,25 @@ def check_ndim(t, ndim: int, name: str, fn: str):
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{fn}: {name} must be a tensor with {ndim} dims, got {shape}")
     return t
+
+
+def check_heads(dim, num_heads, fn: str) -> int:
+    """The head width ``dim // num_heads``, once both are positive ints and ``num_heads`` divides ``dim``."""
+    dim, num_heads = check_int(dim, "dim", fn), check_int(num_heads, "num_heads", fn)
+    if dim % num_heads:
+        raise ValueError(f"{fn}: num_heads={num_heads} does not divide dim={dim}")
+    return dim // num_heads
+
+
+def check_images(x, in_chans: int, img_size: int, fn: str, name: str = "x"):
+    """``x`` if it is an image batch [B, ``in_chans``, ``img_size``, ``img_size``]."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{fn}: {name} must be an image batch [B, C, H, W], got {shape}")
+    if tuple(x.shape[1:]) != (in_chans, img_size, img_size):
+        raise ValueError(f"{fn}: {name} is {tuple(x.shape[1:])}; expected ({in_chans}, {img_size}, {img_size}) "
+                         f"(in_chans={in_chans}, img_size={img_size})")
+    return x
 
 
 def check_model(model, fn: str) -> nn.Module:

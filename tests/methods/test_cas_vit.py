@@ -15,6 +15,7 @@ import torch
 from vitlab import measure
 from vitlab.methods.architectures.cas_vit import (TINY, AdditiveBlock, AdditiveTokenMixer, ChannelOperation, RCViT,
                                                   SpatialOperation)
+from model_helpers import assert_rejects_bad_images
 
 Z = torch.tensor([[[[1.0, -2.0]], [[0.5, 3.0]]]])  # [B=1, C=2, H=1, W=2]: channel 0 = (1, -2), channel 1 = (0.5, 3)
 sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
@@ -150,11 +151,7 @@ def test_tiny_shapes_and_maps():
 
 
 def test_bad_input():
-    m = RCViT(**TINY)
-    with pytest.raises(ValueError, match="in_chans"):
-        m(torch.randn(1, 3, 28, 28))
-    with pytest.raises(ValueError, match="img_size"):
-        m(torch.randn(1, 1, 32, 32))
+    assert_rejects_bad_images(RCViT(**TINY), in_chans=1, img_size=28)
     with pytest.raises(ValueError, match="embed_dims"):
         RCViT(embed_dims=[16, 32], depths=[1])
     with pytest.raises(ValueError, match="img_size"):

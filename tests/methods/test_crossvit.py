@@ -9,6 +9,7 @@ from vitlab import measure
 from vitlab.methods.architectures import crossvit as cv
 from vitlab.methods.architectures import recipes
 from vitlab.models import VisionTransformer
+from model_helpers import assert_rejects_bad_images
 
 
 def _identity_attention(dim: int, num_heads: int = 1) -> cv.CrossAttention:
@@ -141,12 +142,7 @@ def test_bad_config(kwargs, match):
 
 def test_bad_input():
     model = cv.CrossViT(img_size=28, in_chans=1, num_classes=10, **cv.TINY)
-    with pytest.raises(ValueError, match="in_chans=1"):
-        model(torch.randn(1, 3, 28, 28))
-    with pytest.raises(ValueError, match="img_size=28"):
-        model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="x must be an image batch"):
-        model(torch.randn(1, 28, 28))
+    assert_rejects_bad_images(model, in_chans=1, img_size=28)
     with pytest.raises(ValueError, match="x must be"):
         cv.CrossAttention(8, 2)(torch.randn(2, 3, 6))
     with pytest.raises(ValueError, match="num_heads=3 does not divide dim=8"):

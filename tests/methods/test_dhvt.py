@@ -21,6 +21,7 @@ from vitlab import measure
 from vitlab.methods.architectures import recipes
 from vitlab.methods.architectures.dhvt import CONFIG, DAFF, DHVT, SOPE, Affine, DHVTBlock, HIAttention
 from vitlab.models import VisionTransformer
+from model_helpers import assert_rejects_bad_images
 
 
 def gelu(v: float) -> float:
@@ -198,12 +199,7 @@ def test_lesson_config_is_matched_to_the_control():
 
 def test_bad_inputs():
     model = DHVT(**CONFIG)
-    with pytest.raises(ValueError, match="in_chans=1"):
-        model(torch.randn(1, 3, 28, 28))
-    with pytest.raises(ValueError, match="img_size=28"):
-        model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="x must be an image batch"):
-        model(torch.randn(1, 28, 28))
+    assert_rejects_bad_images(model, in_chans=1, img_size=28)
     with pytest.raises(ValueError, match="patch_size must be a power of 2"):
         SOPE(24, 3, 1, 64)
     with pytest.raises(ValueError, match="patch_size=8 does not divide img_size=28"):

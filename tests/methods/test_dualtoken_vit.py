@@ -11,6 +11,7 @@ from vitlab import measure
 from vitlab.methods.architectures.dualtoken_vit import (TINY, TINY_NOGLOBAL, DualTokenBlock, DualTokenViT,
                                                         GlobalBranch, LocalBranch, StepwiseDownsample,
                                                         downsample_steps)
+from model_helpers import assert_rejects_bad_images
 
 
 def _zero(*mods):
@@ -136,11 +137,7 @@ def test_ablation_without_global_tokens():
 
 
 def test_bad_input():
-    m = DualTokenViT(**TINY)
-    with pytest.raises(ValueError, match="in_chans"):
-        m(torch.randn(1, 3, 28, 28))
-    with pytest.raises(ValueError, match="img_size"):
-        m(torch.randn(1, 1, 32, 32))
+    assert_rejects_bad_images(DualTokenViT(**TINY), in_chans=1, img_size=28)
     with pytest.raises(ValueError, match="num_heads"):
         DualTokenViT(embed_dims=[32, 48], depths=[1, 1], num_heads=[2])
     with pytest.raises(ValueError, match="num_heads=3 does not divide dim=32"):

@@ -5,6 +5,7 @@ import torch
 
 from vitlab.methods.architectures import duoformer as D
 from vitlab.models import create_model
+from model_helpers import assert_rejects_bad_images
 
 
 def test_region_index_by_hand():
@@ -68,3 +69,7 @@ def test_models_and_matched_parameters():
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_bad_images():
+    assert_rejects_bad_images(D.DuoFormer(), in_chans=1, img_size=28)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.methods.architectures import l2vit as L
+from model_helpers import assert_rejects_bad_images
 
 
 def official_kv_first(q, k, v, temperature):
@@ -98,3 +99,7 @@ def test_variants_and_shapes():
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_bad_images():
+    assert_rejects_bad_images(L.L2ViT(), in_chans=1, img_size=28)

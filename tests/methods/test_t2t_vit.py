@@ -21,6 +21,7 @@ from vitlab.methods.architectures import recipes
 from vitlab.methods.architectures.t2t_vit import (CONFIG, OFFICIAL_KERNELS, SoftSplit, T2TModule, T2TViT,
                                                   TokenAttention, TokenTransformer, restructure, sinusoid_table,
                                                   unfold_size)
+from model_helpers import assert_rejects_bad_images
 
 
 def test_soft_split_hand_case():
@@ -171,12 +172,7 @@ def test_gradients_reach_the_first_soft_split_layer():
 
 def test_bad_inputs():
     model = T2TViT(**CONFIG)
-    with pytest.raises(ValueError, match="in_chans=1"):
-        model(torch.randn(1, 3, 28, 28))
-    with pytest.raises(ValueError, match="img_size=28"):
-        model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match=r"x must be an image batch"):
-        model(torch.randn(1, 28, 28))
+    assert_rejects_bad_images(model, in_chans=1, img_size=28)
     with pytest.raises(ValueError, match="num_heads must be 1"):
         TokenAttention(9, 4, num_heads=3)
     with pytest.raises(ValueError, match=r"kernels\[1\]"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vitlab.methods.architectures import vit_resnas as R
+from model_helpers import assert_rejects_bad_images
 
 
 def test_residual_path_is_the_zero_padded_average_pool():
@@ -85,3 +86,7 @@ def test_evolution_respects_the_budget_and_finds_the_best():
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_bad_images():
+    assert_rejects_bad_images(R.ResNASViT(), in_chans=1, img_size=28)

@@ -13,6 +13,7 @@ from vitlab.methods.architectures import recipes
 from vitlab.methods.architectures import volo as vo
 from vitlab.models import VisionTransformer
 from vitlab.models.vit import Attention
+from model_helpers import assert_rejects_bad_images
 
 
 def _set_identity(oa: vo.OutlookAttention, dim: int) -> None:
@@ -187,12 +188,7 @@ def test_bad_config(kwargs, match):
 
 def test_bad_input():
     model = vo.VOLO(img_size=28, in_chans=1, num_classes=10, **vo.TINY)
-    with pytest.raises(ValueError, match="in_chans=1"):
-        model(torch.randn(1, 3, 28, 28))
-    with pytest.raises(ValueError, match="img_size=28"):
-        model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="x must be a tensor with 4 dims"):
-        model(torch.randn(1, 28, 28))
+    assert_rejects_bad_images(model, in_chans=1, img_size=28)
     with pytest.raises(ValueError, match="x must be \\[B, H, W, 8\\]"):
         vo.OutlookAttention(8, 2)(torch.randn(1, 5, 5, 4))
     with pytest.raises(ValueError, match="num_heads=3 does not divide dim=8"):

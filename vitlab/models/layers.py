@@ -6,6 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from vitlab.checks import check_heads
+
 __all__ = ["CrossAttention", "window_partition", "window_reverse", "WindowAttention"]
 
 
@@ -19,10 +21,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, context_dim: int | None = None, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"CrossAttention: num_heads={num_heads} does not divide dim={dim}")
+        head_dim = check_heads(dim, num_heads, "CrossAttention")
         context_dim = context_dim or dim
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.num_heads, self.head_dim = num_heads, head_dim
         self.scale = self.head_dim ** -0.5
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
@@ -73,10 +74,9 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"WindowAttention: num_heads={num_heads} does not divide dim={dim}")
+        head_dim = check_heads(dim, num_heads, "WindowAttention")
         self.num_heads, self.window_size = num_heads, window_size
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim
         self.scale = self.head_dim ** -0.5
         # one bias per head for each of the (2ws-1)² possible relative offsets
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))

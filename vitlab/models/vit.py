@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from vitlab.checks import check_number
+from vitlab.checks import check_heads, check_number
 
 __all__ = ["PatchEmbed", "Attention", "Block", "VisionTransformer", "SIDE_OUTPUTS", "init_linear_"]
 
@@ -94,10 +94,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, qk_norm: bool = False,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer=LayerNorm):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"Attention: num_heads={num_heads} does not divide dim={dim}")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = check_heads(dim, num_heads, "Attention")
         self.scale = self.head_dim ** -0.5
         self.use_kernels = False
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)

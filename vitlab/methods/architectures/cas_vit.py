@@ -47,7 +47,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from vitlab.checks import check_int
+from vitlab.checks import check_images, check_int
 from vitlab.methods.architectures import recipes
 from vitlab.models.vit import init_linear_
 
@@ -237,11 +237,7 @@ class RCViT(nn.Module):
         init_linear_(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans \
-                or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"RCViT: x must be images [B, {self.in_chans}, {self.img_size}, {self.img_size}] "
-                             f"(in_chans, img_size), got {shape}")
+        check_images(x, self.in_chans, self.img_size, "RCViT")
         x = self.patch_embed(x)
         for layer in self.network:
             x = layer(x)

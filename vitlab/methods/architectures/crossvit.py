@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from vitlab.checks import check_int
+from vitlab.checks import check_heads, check_images, check_int
 from vitlab.models.vit import Attention, Block, LayerNorm, PatchEmbed, init_linear_
 
 __all__ = ["CrossAttention", "CrossAttentionBlock", "MultiScaleBlock", "CrossViT", "AllToAllFusion",
@@ -61,11 +61,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True):
         super().__init__()
-        check_int(dim, "dim", "CrossAttention")
-        check_int(num_heads, "num_heads", "CrossAttention")
-        if dim % num_heads:
-            raise ValueError(f"CrossAttention: num_heads={num_heads} does not divide dim={dim}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.num_heads, self.head_dim = num_heads, check_heads(dim, num_heads, "CrossAttention")
         self.scale = self.head_dim ** -0.5
         self.wq = nn.Linear(dim, dim, bias=qkv_bias)
         self.wk = nn.Linear(dim, dim, bias=qkv_bias)
@@ -218,13 +214,7 @@ class CrossViT(nn.Module):
 
     def embed(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Image -> one token sequence per branch, [B, 1 + N_b, D_b], CLS first, positions added."""
-        if not torch.is_tensor(x) or x.ndim != 4:
-            raise ValueError(f"CrossViT: x must be an image batch [B, C, H, W], got "
-                             f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"CrossViT: x has {x.shape[1]} channels, expected in_chans={self.in_chans}")
-        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"CrossViT: x is {x.shape[-2]}x{x.shape[-1]}, expected img_size={self.img_size}")
+        check_images(x, self.in_chans, self.img_size, "CrossViT")
         xs = []
         for b, pe in enumerate(self.patch_embed):
             s = self.img_size_scaled[b]

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
 
-from vitlab.checks import check_int, check_number
+from vitlab.checks import check_heads, check_images, check_int, check_number
 from vitlab.models.vit import init_linear_
 
 from . import recipes
@@ -105,12 +105,7 @@ class SOPE(nn.Module):
         self.num_patches = self.grid_size ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(x) or x.ndim != 4:
-            raise ValueError(f"SOPE: x must be an image batch [B, C, H, W], got {_shape(x)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"SOPE: x has {x.shape[1]} channels, expected in_chans={self.in_chans}")
-        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"SOPE: x is {x.shape[-2]}x{x.shape[-1]}, expected img_size={self.img_size}")
+        check_images(x, self.in_chans, self.img_size, "SOPE")
         x = self.post_affine(self.proj(self.pre_affine(x)))
         return x.flatten(2).transpose(1, 2)
 
@@ -163,11 +158,8 @@ class HIAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 4, qkv_bias: bool = True):
         super().__init__()
         fn = "HIAttention"
-        check_int(dim, "dim", fn)
-        self.num_heads = check_int(num_heads, "num_heads", fn)
-        if dim % num_heads:
-            raise ValueError(f"{fn}: num_heads={num_heads} does not divide dim={dim}")
-        self.dim, self.head_dim = dim, dim // num_heads
+        head_dim = check_heads(dim, num_heads, fn)
+        self.dim, self.num_heads, self.head_dim = dim, int(num_heads), head_dim
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

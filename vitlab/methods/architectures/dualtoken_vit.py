@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from vitlab.checks import check_int
+from vitlab.checks import check_heads, check_images, check_int
 from vitlab.methods.architectures import recipes
 from vitlab.models.vit import init_linear_
 
@@ -123,10 +123,8 @@ class GlobalBranch(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, side: int, kv_side: int = 4, global_side: int | None = 4):
         super().__init__()
-        self.dim = check_int(dim, "dim", "GlobalBranch")
-        self.num_heads = check_int(num_heads, "num_heads", "GlobalBranch")
-        if dim % num_heads:
-            raise ValueError(f"GlobalBranch: num_heads={num_heads} does not divide dim={dim}")
+        check_heads(dim, num_heads, "GlobalBranch")
+        self.dim, self.num_heads = int(dim), int(num_heads)
         self.side = check_int(side, "side", "GlobalBranch")
         self.kv_side = check_int(kv_side, "kv_side", "GlobalBranch")
         self.global_side = None if global_side is None else check_int(global_side, "global_side", "GlobalBranch")
@@ -248,11 +246,7 @@ class DualTokenViT(nn.Module):
         return {"global_init"}
 
     def forward_features(self, x: torch.Tensor, return_global: bool = False):
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans \
-                or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"DualTokenViT: x must be images [B, {self.in_chans}, {self.img_size}, {self.img_size}]"
-                             f" (in_chans, img_size), got {shape}")
+        check_images(x, self.in_chans, self.img_size, "DualTokenViT")
         x = self.stem(x)
         g = None if self.global_init is None else self.global_init.repeat(x.shape[0], 1, 1)
         trace = []

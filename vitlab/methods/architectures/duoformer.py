@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerScale
 
-from vitlab.checks import check_int, check_ndim
+from vitlab.checks import check_images, check_int
 from vitlab.models.layers import trunc_normal_
 from vitlab.models.vit import Block, LayerNorm, init_linear_
 
@@ -126,10 +126,7 @@ class DuoFormer(nn.Module):
         return torch.cat([channel, scales], dim=2) + self.scale_embed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_ndim(x, 4, "x", "DuoFormer")
-        if x.shape[1] != self.in_chans or tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"DuoFormer: x is {tuple(x.shape[1:])}; expected ({self.in_chans}, {self.img_size}, "
-                             f"{self.img_size})")
+        check_images(x, self.in_chans, self.img_size, "DuoFormer")
         x = F.pad(x, (self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
         maps = self.cnn(x)
         if self.single_scale:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitlab.checks import check_choice, check_int, check_ndim
+from vitlab.checks import check_choice, check_heads, check_images, check_int
 from vitlab.kernels.linear_attention import linear_attention
 from vitlab.models.vit import init_linear_
 
@@ -59,10 +59,9 @@ class LinearAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 1, qkv_bias: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"LinearAttention: num_heads={num_heads} does not divide dim={dim}")
+        head_dim = check_heads(dim, num_heads, "LinearAttention")
         self.num_heads = num_heads
-        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1) * (dim // num_heads) ** -0.5)
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1) * head_dim ** -0.5)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -92,8 +91,7 @@ class SoftmaxAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 1, qkv_bias: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"SoftmaxAttention: num_heads={num_heads} does not divide dim={dim}")
+        check_heads(dim, num_heads, "SoftmaxAttention")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -229,10 +227,7 @@ class L2ViT(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor, stop_at: tuple[int, int] | None = None):
         """Tokens through the stages; with ``stop_at=(stage, block)`` returns (tokens entering that block, size)."""
-        check_ndim(x, 4, "x", "L2ViT")
-        if x.shape[1] != self.in_chans or tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"L2ViT: x is {tuple(x.shape[1:])}; expected ({self.in_chans}, {self.img_size}, "
-                             f"{self.img_size})")
+        check_images(x, self.in_chans, self.img_size, "L2ViT")
         x = self.stem(x)  # [B, C0, H/2, W/2]
         for s, blocks in enumerate(self.stages):
             if s == 1:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vitlab.checks import check_int, check_model, check_ndim
+from vitlab.checks import check_images, check_int, check_model, check_ndim
 from vitlab.models.vit import Block, LayerNorm, init_linear_
 
 from . import recipes
@@ -75,11 +75,7 @@ class PolyPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_ndim(x, 4, "x", "PolyPatchEmbed")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"PolyPatchEmbed: x has {x.shape[1]} channels, expected in_chans={self.in_chans}")
-        if tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"PolyPatchEmbed: x is {x.shape[2]}x{x.shape[3]}, expected img_size={self.img_size}")
+        check_images(x, self.in_chans, self.img_size, "PolyPatchEmbed")
         x, _ = poly_anchor(x, self.patch_size)
         return self.proj(x).flatten(2).transpose(1, 2)
 

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from vitlab.checks import check_int, check_number
+from vitlab.checks import check_images, check_int, check_number
 from vitlab.models.vit import Block, init_linear_
 
 from . import recipes
@@ -205,13 +205,7 @@ class T2TModule(nn.Module):
         self.num_patches = self.grid_sizes[-1] ** 2
 
     def forward(self, x: torch.Tensor, return_stages: bool = False):
-        if not torch.is_tensor(x) or x.ndim != 4:
-            raise ValueError(f"T2TModule: x must be an image batch [B, C, H, W], got "
-                             f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"T2TModule: x has {x.shape[1]} channels, expected in_chans={self.in_chans}")
-        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"T2TModule: x is {x.shape[-2]}x{x.shape[-1]}, expected img_size={self.img_size}")
+        check_images(x, self.in_chans, self.img_size, "T2TModule")
         stages = []
         for split, attn in zip(self.soft_splits[:-1], self.attentions):
             x = attn(split(x))   # soft split, then re-structurisation by attention

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitlab.checks import check_int, check_ndim
+from vitlab.checks import check_heads, check_images, check_int
 from vitlab.models.layers import trunc_normal_
 from vitlab.models.vit import init_linear_
 
@@ -79,9 +79,8 @@ class MaskedBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"MaskedBlock: num_heads={num_heads} does not divide dim={dim}")
-        self.dim, self.num_heads, self.head_dim, self.mlp_hidden = dim, num_heads, dim // num_heads, mlp_hidden
+        head_dim = check_heads(dim, num_heads, "MaskedBlock")
+        self.dim, self.num_heads, self.head_dim, self.mlp_hidden = dim, num_heads, head_dim, mlp_hidden
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -171,10 +170,7 @@ class ResNASViT(nn.Module):
         return Subnet(tuple(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_ndim(x, 4, "x", "ResNASViT")
-        if x.shape[1] != self.in_chans or tuple(x.shape[2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"ResNASViT: x is {tuple(x.shape[1:])}; expected ({self.in_chans}, {self.img_size}, "
-                             f"{self.img_size})")
+        check_images(x, self.in_chans, self.img_size, "ResNASViT")
         t = self.patch_embed(x).flatten(2).transpose(1, 2)
         t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], dim=1) + self.pos_embed
         for blk in self.stage1:

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from vitlab.checks import check_int, check_ndim, check_number
+from vitlab.checks import check_heads, check_images, check_int, check_ndim, check_number
 from vitlab.models.vit import Block, init_linear_
 
 __all__ = ["OutlookAttention", "Outlooker", "ClassAttention", "ClassBlock", "Stem", "Downsample", "VOLO", "TINY",
@@ -69,15 +69,12 @@ class OutlookAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 3, padding: int = 1, stride: int = 1,
                  qkv_bias: bool = False):
         super().__init__()
-        check_int(dim, "dim", "OutlookAttention")
-        check_int(num_heads, "num_heads", "OutlookAttention")
+        head_dim = check_heads(dim, num_heads, "OutlookAttention")
         check_int(kernel_size, "kernel_size", "OutlookAttention")
         check_int(padding, "padding", "OutlookAttention", low=0)
         check_int(stride, "stride", "OutlookAttention")
-        if dim % num_heads:
-            raise ValueError(f"OutlookAttention: num_heads={num_heads} does not divide dim={dim}")
         self.num_heads, self.kernel_size, self.padding, self.stride = num_heads, kernel_size, padding, stride
-        self.scale = (dim // num_heads) ** -0.5
+        self.scale = head_dim ** -0.5
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.attn = nn.Linear(dim, kernel_size ** 4 * num_heads)  # K² weights for each of the K² outputs, per head
         self.proj = nn.Linear(dim, dim)
@@ -134,11 +131,7 @@ class ClassAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False):
         super().__init__()
-        check_int(dim, "dim", "ClassAttention")
-        check_int(num_heads, "num_heads", "ClassAttention")
-        if dim % num_heads:
-            raise ValueError(f"ClassAttention: num_heads={num_heads} does not divide dim={dim}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.num_heads, self.head_dim = num_heads, check_heads(dim, num_heads, "ClassAttention")
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -262,11 +255,7 @@ class VOLO(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm, [B, 1 + N, C] (CLS first)."""
-        check_ndim(x, 4, "x", "VOLO")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"VOLO: x has {x.shape[1]} channels, expected in_chans={self.in_chans}")
-        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"VOLO: x is {x.shape[-2]}x{x.shape[-1]}, expected img_size={self.img_size}")
+        check_images(x, self.in_chans, self.img_size, "VOLO")
         x = self.patch_embed(x).permute(0, 2, 3, 1)       # [B, H/p, W/p, C0]: the fine map
         x = self.network[1](self.network[0](x))           # Outlookers, then downsample 2×
         x = (x + self.pos_embed).flatten(1, 2)            # positions after the Outlookers; [B, N, C]

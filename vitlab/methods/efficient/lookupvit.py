@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from vitlab.checks import check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_heads, check_int as _check_int, check_model as _check_model
 from vitlab.models.vit import Block, VisionTransformer
 
 __all__ = ["sincos_2d", "resize_grid", "reverse_probs", "LookupPatchEmbed", "LookupCrossAttention",
@@ -143,9 +143,7 @@ class LookupCrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, norm_layer=nn.LayerNorm,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"LookupCrossAttention: num_heads={num_heads} does not divide dim={dim}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.num_heads, self.head_dim = num_heads, check_heads(dim, num_heads, "LookupCrossAttention")
         self.scale = self.head_dim ** -0.5
         self.norm = norm_layer(dim)  # on the compressed tokens (queries)
         self.norm_context = norm_layer(dim)  # on the lookup tokens (keys, values)
@@ -173,9 +171,7 @@ class ReverseCrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, norm_layer=nn.LayerNorm,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"ReverseCrossAttention: num_heads={num_heads} does not divide dim={dim}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.num_heads, self.head_dim = num_heads, check_heads(dim, num_heads, "ReverseCrossAttention")
         self.norm = norm_layer(dim)  # on the compressed tokens (values)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)

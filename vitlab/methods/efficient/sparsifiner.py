@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from tqdm.auto import tqdm
 
-from vitlab.checks import check_number, check_int as _check_int, check_model as _check_model
+from vitlab.checks import check_heads, check_number, check_int as _check_int, check_model as _check_model
 from vitlab.train import lr_lambda
 
 __all__ = ["KEEP_RATE", "REDUCE_N", "REDUCE_C", "BASIS_THRESHOLD", "COEF_TOPK", "MASKS", "attention_budget",
@@ -568,10 +568,8 @@ def mhsa_flops(num_tokens: int, dim: int, num_heads: int, *, keep_rate: float | 
     n' = N//reduce_n, t = min(coef_topk, n'). Softmax, top-k and masking are not counted (as the flop counter).
     Returns {attention, predictor, total}.
     """
-    for name, val in (("num_tokens", num_tokens), ("dim", dim), ("num_heads", num_heads)):
-        _check_int(val, name, "mhsa_flops")
-    if dim % num_heads:
-        raise ValueError(f"mhsa_flops: num_heads={num_heads} does not divide dim={dim}")
+    _check_int(num_tokens, "num_tokens", "mhsa_flops")
+    check_heads(dim, num_heads, "mhsa_flops")
     N, D, H = num_tokens, dim, num_heads
     if keep_rate is None:
         return {"attention": 4 * N * N * D, "predictor": 0, "total": 4 * N * N * D}
