@@ -71,6 +71,15 @@ def test_measure_row_has_the_chapters_columns():
     assert 0 <= row["accuracy"] <= 1 and row["params"] == sum(p.numel() for p in TinyMLP().parameters())
 
 
+def test_train_step_ms_times_a_step_and_leaves_the_model_alone():
+    train, _, _ = recipes.data("digits", "smoke")
+    model = TinyMLP()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ms = recipes.train_step_ms(model, train, batch_size=8, warmup=1, repeats=2)
+    assert 0 < ms < 10_000
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: recipes.trained("vit", 7, "smoke"), "trained: seed must be one of"),
     (lambda: recipes.trained("nope", 0, "smoke"), "unknown chapter-1 method 'nope'"),
@@ -80,6 +89,7 @@ def test_measure_row_has_the_chapters_columns():
     (lambda: recipes.register("x", TinyMLP, dataset="cifar"), "register: dataset must be one of"),
     (lambda: recipes.register("y", 3), "register: builder must be callable"),
     (lambda: recipes.check_matched(3, TinyMLP()), "check_matched: model must be an nn.Module"),
+    (lambda: recipes.train_step_ms("vit", None), "train_step_ms: model must be an nn.Module"),
     (lambda: builder("no_such_model"), "unknown model 'no_such_model'"),
 ])
 def test_bad_input_names_the_argument(call, match):

@@ -38,7 +38,7 @@ from vitlab.profiles import profile as get_profile
 
 __all__ = ["DATASETS", "SEEDS", "TRAIN", "STEPS", "register", "registered", "data", "train_kwargs", "seeds",
            "trained", "model_name", "entry_name", "check_matched", "measure_row", "BASELINE", "plot_training",
-           "plateau_text", "MODULES", "import_all"]
+           "plateau_text", "MODULES", "import_all", "train_step_ms"]
 
 # Every chapter-1 module: importing one registers its architectures (``register``); ``import_all`` imports them all
 # (for the comparison and for lessons that look across the chapter).
@@ -194,6 +194,32 @@ def measure_row(name: str, model: nn.Module, test, *, latency_batch: int = 64, r
     return {"method": name, "accuracy": measure.accuracy(model, test), "params": measure.count_params(model),
             "gflops": measure.flops(model, inputs[:8]) / 1e9, "throughput": lat["throughput"],
             "latency_ms": lat["median_ms"]}
+
+
+def train_step_ms(model: nn.Module, train, *, batch_size: int = 64, warmup: int = 2, repeats: int = 5) -> float:
+    """Median wall time (ms) of one training step of the chapter's recipe (forward, label-smoothed loss, backward,
+    AdamW) on a batch of ``train``, measured on a copy: the trained weights are untouched. The cost axis of a
+    comparison at equal steps (a model's training time is its step time x the steps)."""
+    import copy
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    check_model(model, "train_step_ms")
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
+    x, y = train.images[:batch_size], train.labels[:batch_size]
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(m(x), y, label_smoothing=TRAIN["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(torch.tensor(times).median())
 
 
 def plot_training(runs: dict, key: str = "val_acc", ax=None, ylim=(0.8, 1.0)):
