@@ -60,6 +60,8 @@ Where we differ from the official code (small scale, one rule for search and dep
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 
 import torch
@@ -69,6 +71,9 @@ from torch import Tensor
 
 from vitlab.checks import check_int as _check_int, check_model as _check_model
 from vitlab.tokens import bipartite_soft_matching, gather_tokens, merge_tokens, proportional_bias
+
+if TYPE_CHECKING:  # a type only: recipes imports this module
+    from vitlab.methods.efficient.recipes import Reduced
 
 __all__ = ["DEFAULTS", "ste_ceil", "ste_min", "softmax_with_policy", "DDP", "merge_tail", "DiffRateViT", "vit_macs",
            "search", "search_steps", "UniformMerge", "uniform_merge_schedule", "for_compare"]

@@ -28,6 +28,8 @@ two reductions, and two at 0.6 remove as much compute (≈ 37 % of the FLOPs) as
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 import math
 
@@ -37,6 +39,9 @@ import torch.nn.functional as F
 
 from vitlab.checks import check_cls_vit, check_number, check_int as _check_int, check_model as _check_model
 from vitlab.tokens import gather_tokens, keep_top_k
+
+if TYPE_CHECKING:  # a type only: recipes imports this module
+    from vitlab.methods.efficient.recipes import Reduced
 
 __all__ = ["keep_count", "cls_attention_scores", "reorganize", "keep_rate_schedule", "EViT", "finetune",
            "for_compare", "DEFAULTS", "DEFAULT_KEEP_RATE", "DEFAULT_REDUCE_AT"]

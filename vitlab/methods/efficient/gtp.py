@@ -31,12 +31,16 @@ selection "random" picks the P tokens at random. The optional attention sparsifi
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from vitlab.checks import check_choice, check_cls_vit, check_number, check_int as _check_int, check_model as _check_model
 from vitlab.tokens import gather_tokens, proportional_bias
+
+if TYPE_CHECKING:  # a type only: recipes imports this module
+    from vitlab.methods.efficient.recipes import Reduced
 
 __all__ = ["spatial_graph", "semantic_graph", "mixed_graph", "normalize_graph", "mixed_attn_max", "select",
            "propagate", "GTP", "for_compare", "SELECTIONS", "PROPAGATIONS", "GRAPHS", "DEFAULTS", "DEFAULT_NUM_PROP"]

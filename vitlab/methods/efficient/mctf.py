@@ -48,6 +48,8 @@ official size/size_max factor in the weights cancels and is left out.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 import math
 
@@ -57,6 +59,9 @@ import torch.nn.functional as F
 
 from vitlab.checks import check_ndim, check_number, check_int as _check_int, check_model as _check_model
 from vitlab.tokens import merge_tokens, proportional_bias
+
+if TYPE_CHECKING:  # a type only: recipes imports this module
+    from vitlab.methods.efficient.recipes import Reduced
 
 __all__ = ["reduction", "default_r", "merging_layers", "token_schedule", "attention_received", "mctf_scores", "bidirectional_matching",
            "fuse_tokens", "merge_attention", "MCTFViT", "consistency_step", "finetune", "for_compare",

@@ -39,6 +39,8 @@ O(N·k·d)) turns the saving into time.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 import math
 
@@ -50,6 +52,9 @@ from tqdm.auto import tqdm
 
 from vitlab.checks import check_heads, check_number, check_int as _check_int, check_model as _check_model
 from vitlab.train import lr_lambda
+
+if TYPE_CHECKING:  # a type only: recipes imports this module
+    from vitlab.methods.efficient.recipes import Reduced
 
 __all__ = ["KEEP_RATE", "REDUCE_N", "REDUCE_C", "BASIS_THRESHOLD", "COEF_TOPK", "MASKS", "attention_budget",
            "connectivity_mask", "masked_attention", "sparse_attention", "window_mask", "random_mask",
