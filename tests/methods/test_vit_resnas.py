@@ -55,6 +55,60 @@ def test_the_largest_subnet_is_the_whole_network():
     torch.testing.assert_close(model.set_subnet(None)(x), full)
 
 
+def test_a_masked_block_is_exactly_the_smaller_block():
+    """Keeping the first head of two and 3 MLP units of 6 computes what a block of one head and 3 units built from
+    the first rows/columns of the weights computes: the masks are the channel masks of the official supernet."""
+    torch.manual_seed(2)
+    big = R.MaskedBlock(8, 2, 6)
+    big.set_subnet(1, 3)
+    x = torch.randn(2, 5, 8)
+    q, k, v = big.qkv(big.norm1(x)).reshape(2, 5, 3, 2, 4)[:, :, :, 0].unbind(2)  # the kept head: [B, N, 4]
+    head = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    after_attn = x + head @ big.proj.weight[:, :4].T + big.proj.bias
+    hidden = torch.nn.functional.gelu(big.norm2(after_attn) @ big.fc1.weight[:3].T + big.fc1.bias[:3])
+    torch.testing.assert_close(big(x), after_attn + hidden @ big.fc2.weight[:, :3].T + big.fc2.bias)
+
+
+def test_supernet_samples_a_subnet_per_training_step_and_evaluates_the_one_set():
+    torch.manual_seed(3)
+    model = R.ResNASViT(**R.CONFIG, supernet=True)
+    x = torch.randn(2, 1, 28, 28)
+    model.eval()
+    full = model(x)
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(x), a)  # the sample comes from torch's seeded generator: reproducible
+    outs = {tuple(model(x).flatten().tolist()) for _ in range(6)}
+    assert len(outs) > 1  # different sub-networks on different steps
+    assert model.subnet == model.largest()  # training never leaves a sampled sub-network set
+    model.eval()
+    torch.testing.assert_close(model(x), full)
+
+
+def test_a_fixed_subnet_model_runs_that_subnet():
+    torch.manual_seed(4)
+    subnet = R.PROBES["small"]
+    fixed = R.ResNASViT(**R.CONFIG, subnet=subnet)
+    whole = R.ResNASViT(**R.CONFIG)
+    whole.load_state_dict(fixed.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(fixed(x), whole.set_subnet(R.Subnet(subnet))(x))
+    assert fixed.train()(x).shape == (2, 10)  # a fixed sub-network does not sample in training
+
+
+def test_the_space_is_every_sample_with_one_spelling_per_architecture():
+    model = R.ResNASViT(**R.CONFIG)
+    space = model.all_subnets()
+    # stage 1: MLP 32 or 64; stage 2: 4 widths per block, and skip for all but the first
+    assert len(space) == 2 * 4 * 5 * 5 == len(set(space))
+    rng = random.Random(0)
+    assert {model.sample_subnet(rng) for _ in range(2000)} == set(space)
+    assert all(model.set_subnet(R.Subnet(p)) for p in R.PROBES.values())
+    assert {R.Subnet(p) for p in R.PROBES.values()} <= set(space)
+
+
 def test_subnet_macs_by_hand():
     """One block of width 8, 2 heads of 4, MLP 6 units, on N = 5 tokens: qkv + proj 5*8*24 + 5*8*8 = 1280,
     attention 2*25*h*4, MLP 2*5*8*m."""
@@ -81,6 +135,8 @@ def test_evolution_respects_the_budget_and_finds_the_best():
     (lambda: R.ResNASViT(patch_size=3), "ResNASViT: patch_size=3 does not divide img_size=28"),
     (lambda: R.ResNASViT()(torch.randn(1, 3, 28, 28)), r"ResNASViT: x is \(3, 28, 28\)"),
     (lambda: R.ResNASViT().set_subnet(R.Subnet(((1, 1, True),))), "ResNASViT.set_subnet: 1 block settings"),
+    (lambda: R.ResNASViT().set_subnet(((1, 1, True),)), "ResNASViT.set_subnet: expected a Subnet or None"),
+    (lambda: R.ResNASViT(supernet=True, subnet=R.PROBES["small"]), "ResNASViT: give supernet=True or a fixed"),
     (lambda: R.evolve(lambda s: 0, R.ResNASViT(), max_macs=1), "evolve: no sub-network found within"),
 ])
 def test_bad_input_names_the_argument(call, match):

@@ -20,10 +20,13 @@ yilunliao/vit-search, ``nets/vit_sr_supernet.py``: ``SpatialReductionPatchEmbedd
 Deviations, named: no distillation token; a single sampled architecture per step (the official also splits the
 batch into sub-batches with different masks, ``example_per_arch``); a two-stage 28 px model (patch 2: 14 x 14
 tokens, then 7 x 7) instead of three stages at 224 px; masks multiply activations (the official ``ChannelDrop``
-does the same, by sampling); the search's MACs are counted analytically (``subnet_macs``).
+does the same, by sampling); the space samples heads, MLP width and block skips but not the embedding width, and
+all widths from the first step (the official warm-up grows the sampled set); the search's MACs are counted
+analytically (``subnet_macs``).
 """
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -37,7 +40,7 @@ from vitlab.models.vit import init_linear_
 
 from . import recipes
 
-__all__ = ["SpatialReduction", "MaskedBlock", "ResNASViT", "Subnet", "subnet_macs", "evolve", "CONFIG"]
+__all__ = ["SpatialReduction", "MaskedBlock", "ResNASViT", "Subnet", "subnet_macs", "evolve", "CONFIG", "PROBES"]
 
 
 class SpatialReduction(nn.Module):
@@ -109,6 +112,11 @@ class MaskedBlock(nn.Module):
         return x + self.fc2(hidden)
 
 
+def _skipped(blk: MaskedBlock) -> tuple[int, int, bool]:
+    """A skipped block's one spelling (its widths do not matter), so equal architectures compare equal."""
+    return (blk.num_heads, blk.mlp_hidden, False)
+
+
 @dataclass(frozen=True)
 class Subnet:
     """One sub-network: per block, (heads, MLP units, keep)."""
@@ -118,10 +126,14 @@ class Subnet:
 class ResNASViT(nn.Module):
     """Patch embedding (patch p) -> stage 1 blocks -> SpatialReduction (x2) -> stage 2 blocks -> LN -> CLS head.
     ``depths``/``dims``/``num_heads``/``mlp_ratio`` define the widest network (the supernet); ``residual=False`` is
-    the plain-reduction ablation; ``single_stage=True`` keeps one stage at the first width (no reduction)."""
+    the plain-reduction ablation. ``supernet=True`` trains as a weight-sharing supernet: every training forward
+    samples a sub-network (``sample_subnet``, from torch's seeded generator), while eval runs the sub-network last
+    set (the whole network by default). ``subnet`` fixes one sub-network for good (a stand-alone model of the
+    search space: masked, so exactly the smaller network, at the supernet's compute)."""
 
     def __init__(self, img_size: int = 28, in_chans: int = 1, num_classes: int = 10, patch_size: int = 2,
-                 dims=(32, 64), depths=(1, 3), num_heads=(1, 2), mlp_ratio: float = 2.0, residual: bool = True):
+                 dims=(32, 64), depths=(1, 3), num_heads=(1, 2), mlp_ratio: float = 2.0, residual: bool = True,
+                 supernet: bool = False, subnet=None):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"ResNASViT: patch_size={patch_size} does not divide img_size={img_size}")
@@ -142,6 +154,10 @@ class ResNASViT(nn.Module):
         self.head = nn.Linear(dims[1], num_classes)
         trunc_normal_(self.pos_embed, std=0.02)
         init_linear_(self)
+        if supernet and subnet is not None:
+            raise ValueError("ResNASViT: give supernet=True or a fixed subnet, not both")
+        self.supernet = supernet
+        self.set_subnet(None if subnet is None else Subnet(tuple((int(h), int(m), bool(k)) for h, m, k in subnet)))
 
     @property
     def blocks(self) -> list[MaskedBlock]:
@@ -153,10 +169,13 @@ class ResNASViT(nn.Module):
     def set_subnet(self, subnet: Subnet | None) -> "ResNASViT":
         """Mask the supernet down to ``subnet`` (None: the whole network)."""
         subnet = subnet or self.largest()
+        if not isinstance(subnet, Subnet):
+            raise TypeError(f"ResNASViT.set_subnet: expected a Subnet or None, got {type(subnet).__name__}")
         if len(subnet.blocks) != len(self.blocks):
             raise ValueError(f"ResNASViT.set_subnet: {len(subnet.blocks)} block settings for {len(self.blocks)} blocks")
         for blk, (heads, mlp, keep) in zip(self.blocks, subnet.blocks):
             blk.set_subnet(heads, mlp, keep)
+        self.subnet = subnet
         return self
 
     def sample_subnet(self, rng: random.Random, widths=(0.5, 1.0), skip_prob: float = 0.2) -> Subnet:
@@ -165,12 +184,34 @@ class ResNASViT(nn.Module):
         out = []
         for i, blk in enumerate(self.blocks):
             first = i == 0 or i == len(self.stage1)
-            out.append((max(1, round(blk.num_heads * rng.choice(widths))),
-                        max(1, round(blk.mlp_hidden * rng.choice(widths))), first or rng.random() >= skip_prob))
+            heads = max(1, round(blk.num_heads * rng.choice(widths)))
+            mlp = max(1, round(blk.mlp_hidden * rng.choice(widths)))
+            keep = first or rng.random() >= skip_prob
+            out.append((heads, mlp, True) if keep else _skipped(blk))
         return Subnet(tuple(out))
+
+    def all_subnets(self, widths=(0.5, 1.0)) -> list[Subnet]:
+        """Every sub-network ``sample_subnet`` can draw (small spaces only: the product of the per-block choices)."""
+        per_block = []
+        for i, blk in enumerate(self.blocks):
+            first = i == 0 or i == len(self.stage1)
+            kept = sorted({(max(1, round(blk.num_heads * a)), max(1, round(blk.mlp_hidden * b)), True)
+                           for a in widths for b in widths})
+            per_block.append(kept if first else kept + [_skipped(blk)])
+        return [Subnet(blocks) for blocks in itertools.product(*per_block)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.in_chans, self.img_size, "ResNASViT")
+        if self.supernet and self.training:  # one sampled sub-network per step; eval keeps the one set
+            kept = self.subnet
+            self.set_subnet(self.sample_subnet(random.Random(int(torch.randint(2 ** 31 - 1, ())))))
+            try:
+                return self._forward(x)
+            finally:
+                self.set_subnet(kept)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.patch_embed(x).flatten(2).transpose(1, 2)
         t = torch.cat([self.cls_token.expand(len(t), -1, -1), t], dim=1) + self.pos_embed
         for blk in self.stage1:
@@ -245,3 +286,14 @@ CONFIG = dict(img_size=28, in_chans=1, num_classes=10, patch_size=2, dims=(32, 6
               mlp_ratio=2.0)
 recipes.register("vit_resnas", ResNASViT, residual=True, **CONFIG)
 recipes.register("vit_resnas_plain_sr", ResNASViT, residual=False, **CONFIG)
+# The weight-sharing supernet over that space, trained by the same recipe (a sampled sub-network per step).
+recipes.register("vit_resnas_supernet", ResNASViT, residual=True, supernet=True, **CONFIG)
+# Sub-networks trained stand-alone (one seed each), to check the supernet's ranking against: with the whole network
+# (``vit_resnas``) they span the space's cost, from the cheapest stage 2 to a deep narrow one.
+PROBES = {
+    "small": ((1, 32, True), (1, 64, True), (2, 128, False), (2, 128, False)),
+    "mid": ((1, 64, True), (2, 128, True), (1, 64, True), (2, 128, False)),
+    "narrow": ((1, 32, True), (1, 64, True), (1, 64, True), (1, 64, True)),
+}
+for _name, _subnet in PROBES.items():
+    recipes.register(f"vit_resnas_{_name}", ResNASViT, residual=True, subnet=_subnet, **CONFIG)
