@@ -58,13 +58,15 @@ def load(name: str, split: str = "train", profile: Profile | str | None = None, 
     loader = DATASETS[name]
     params = inspect.signature(loader).parameters
     for key in kwargs:
-        if key not in params or key in ("split", "seed", "allow_download"):
-            takes = [p for p in params if p not in ("split", "seed", "allow_download")]
+        if key not in params or key in ("split", "seed", "allow_download", "max_train"):
+            takes = [p for p in params if p not in ("split", "seed", "allow_download", "max_train")]
             raise TypeError(f"load: dataset {name!r} takes no keyword argument {key!r}; it takes {takes}")
     if "seed" in params:
         kwargs["seed"] = seed
     if "allow_download" in params:
         kwargs["allow_download"] = P.allow_download if allow_download is None else allow_download
+    if "max_train" in params:  # the loader cuts the same prefix itself, without making what it drops
+        kwargs["max_train"] = P.max_train
     ds = loader(split, **kwargs)
     if split == "train" and P.max_train is not None:
         ds = stratified_prefix(ds, P.max_train)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dataset import SPLITS, ImageDataset, check_split
+from .dataset import SPLITS, ImageDataset, check_split, stratified_order
 from .offline import DIGIT_CLASSES, mnist5k
 
 __all__ = ["cluttered_scenes", "patch_mask", "SCENE_SIZES"]
@@ -273,30 +273,39 @@ def _render_chunk(digits: Tensor, pool: Tensor, size: int, in_chans: int, g: tor
 
 
 @functools.lru_cache(maxsize=8)
-def _scenes(split: str, seed: int, size: int, in_chans: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+def _scenes(split: str, seed: int, size: int, in_chans: int, n: int, keep: int | None = None
+            ) -> tuple[Tensor, Tensor, Tensor]:
     src = mnist5k(split)  # train scenes use train digits only: no digit instance leaks across splits
     split_id = SPLITS.index(split)
     # which digit each scene shows: a concatenation of seeded permutations of the pool (near-balanced)
     g = _generator(seed, split_id, 10**6)
     n_full = math.ceil(n / _CHUNK) * _CHUNK  # whole chunks, truncated at the end: prefixes agree across n
     which = torch.cat([torch.randperm(len(src), generator=g) for _ in range(math.ceil(n_full / len(src)))])
+    labels = src.labels[which[:n]]
+    # keep: the stratified prefix ``load`` would cut (labels are known before any pixel): render only its chunks
+    rows = torch.arange(n) if keep is None or keep >= n else torch.sort(stratified_order(labels)[:keep]).values
+    chunks = torch.unique(rows // _CHUNK).tolist()
     images, masks = [], []
     with _one_thread():
-        for start in range(0, n_full, _CHUNK):
-            idx = which[start:start + _CHUNK]
-            g = _generator(seed, split_id, start // _CHUNK)
+        for chunk in chunks:
+            idx = which[chunk * _CHUNK:(chunk + 1) * _CHUNK]
+            g = _generator(seed, split_id, chunk)  # each chunk its own generator: any subset renders identically
             img, mask = _render_chunk(src.images[idx], src.images, size, in_chans, g)
             images.append(img)
             masks.append(mask)
-    return torch.cat(images)[:n].contiguous(), src.labels[which[:n]], torch.cat(masks)[:n].contiguous()
+    # rows -> positions in the rendered chunks
+    at = torch.searchsorted(torch.tensor(chunks), rows // _CHUNK) * _CHUNK + rows % _CHUNK
+    return torch.cat(images)[at].contiguous(), labels[rows], torch.cat(masks)[at].contiguous()
 
 
 def cluttered_scenes(split: str = "train", *, seed: int = 0, img_size: int = 32, in_chans: int = 3,
-                     n: int | None = None) -> ImageDataset:
+                     n: int | None = None, max_train: int | None = None) -> ImageDataset:
     """Scenes of one MNIST digit (the label) among 2-4 distractors on a texture; masks = the digit's pixels.
 
     Deterministic for (split, seed, img_size, in_chans); the first k scenes do not depend on ``n``.
     Default sizes: train 4000 / val 500 / test 1000. Cached: treat the tensors as read-only.
+    ``max_train`` (train split only) returns ``stratified_prefix(scenes, max_train)`` without rendering the scenes
+    it drops (``vitlab.data.load`` passes the profile's cap).
     """
     check_split(split, "cluttered_scenes")
     if isinstance(img_size, bool) or not isinstance(img_size, int) or not 32 <= img_size <= 64:
@@ -309,7 +318,9 @@ def cluttered_scenes(split: str = "train", *, seed: int = 0, img_size: int = 32,
         raise ValueError(f"cluttered_scenes: n must be a positive int, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"cluttered_scenes: seed must be an int, got {seed!r}")
-    images, labels, masks = _scenes(split, seed, img_size, in_chans, n)
+    if max_train is not None and (isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 1):
+        raise ValueError(f"cluttered_scenes: max_train must be a positive int or None, got {max_train!r}")
+    images, labels, masks = _scenes(split, seed, img_size, in_chans, n, max_train if split == "train" else None)
     return ImageDataset(images, labels, name="cluttered_scenes", split=split, classes=DIGIT_CLASSES,
                         masks=masks)
 
