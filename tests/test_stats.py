@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from vitlab import stats
 from vitlab.stats import paired_gap, spread
 
 
@@ -35,3 +36,19 @@ def test_one_seed_checks_the_sign_only():
 def test_bad_input(args, exc, word):
     with pytest.raises(exc, match=word):
         paired_gap(*args)
+
+
+def test_kendall_tau_by_hand():
+    assert stats.kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert stats.kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
+    assert stats.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)  # 5 concordant, 1 discordant pair
+    assert stats.kendall_tau([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / 3)  # the tied pair counts as neither
+    assert stats.kendall_tau([float("-inf"), 0.0], [1, 2]) == 1.0
+
+
+@pytest.mark.parametrize("a, b, match", [([1, 2], [1], "same length"), ([1], [1], "same length"),
+                                         ([1, float("nan")], [1, 2], "nan")])
+def test_kendall_tau_bad_input(a, b, match):
+    with pytest.raises(ValueError, match=f"kendall_tau: .*{match}"):
+        stats.kendall_tau(a, b)
+

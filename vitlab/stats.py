@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Spread", "spread", "paired_gap"]
+__all__ = ["Spread", "spread", "paired_gap", "kendall_tau"]
 
 
 def _floats(values, name: str, fn: str) -> list[float]:
@@ -75,3 +75,17 @@ def paired_gap(method, control) -> Spread:
     if len(a) != len(b):
         raise ValueError(f"paired_gap: method and control need one value per seed each, got {len(a)} and {len(b)}")
     return spread([x - y for x, y in zip(a, b)])
+
+
+def kendall_tau(a, b) -> float:
+    """Kendall's tau-a between two score lists over the same items (+1: the same order, -1: reversed; a pair tied in
+    either list counts as neither): how well one ranking (a proxy, a supernet) predicts another (trained accuracy)."""
+    a, b = list(map(float, a)), list(map(float, b))  # +-inf orders fine (an ill-conditioned proxy); nan does not
+    if any(math.isnan(x) for x in a + b):
+        raise ValueError("kendall_tau: the scores hold nan, which has no rank")
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"kendall_tau: a and b need the same length >= 2, got {len(a)} and {len(b)}")
+    n = len(a)
+    s = sum((a[i] > a[j]) - (a[i] < a[j]) if b[i] > b[j] else (a[j] > a[i]) - (a[j] < a[i]) if b[i] < b[j] else 0
+            for i in range(n) for j in range(i + 1, n))
+    return 2 * s / (n * (n - 1))

@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitlab.checks import check_int, check_model, check_ndim
+from vitlab.stats import kendall_tau  # noqa: F401 - the lesson's ranking measure, re-exported
 
 __all__ = ["curve", "strip_norms", "length_distortion", "ntk_condition", "kendall_tau", "scores"]
 
@@ -96,18 +97,6 @@ def ntk_condition(model: nn.Module, images: torch.Tensor) -> float:
     G = torch.stack(rows).double()
     eig = torch.linalg.eigvalsh(G @ G.T)
     return (eig[-1] / eig[0]).item() if eig[0] > 0 else math.inf
-
-
-def kendall_tau(a, b) -> float:
-    """Kendall's tau-a between two score lists (+1: same order, -1: reversed; ties count as neither)."""
-    a, b = list(map(float, a)), list(map(float, b))
-    if len(a) != len(b) or len(a) < 2:
-        raise ValueError(f"kendall_tau: a and b need the same length >= 2, got {len(a)} and {len(b)}")
-    n, s = len(a), 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            s += (a[i] > a[j]) - (a[i] < a[j]) if b[i] > b[j] else (a[j] > a[i]) - (a[j] < a[i]) if b[i] < b[j] else 0
-    return 2 * s / (n * (n - 1))
 
 
 def scores(build: Callable[[], nn.Module], images: torch.Tensor, *, seeds=(0, 1, 2), n_points: int = 500) -> dict:
