@@ -11,6 +11,8 @@ from .multichannel import multichannel_digits
 from .offline import digits8, mnist5k
 from .online import cifar10, cifar100
 from .scenes import cluttered_scenes
+from .thorax import thorax_xrays
+from .volumes import shape_volumes
 
 __all__ = ["DATASETS", "load"]
 
@@ -34,6 +36,8 @@ DATASETS = {
     "digits8": digits8,
     "cluttered_scenes": cluttered_scenes,
     "multichannel_digits": multichannel_digits,
+    "thorax_xrays": thorax_xrays,  # MultiLabelDataset: labels [N,5]; cuts max_train itself
+    "shape_volumes": shape_volumes,  # VolumeDataset [N,1,D,H,W]
     "cifar10": cifar10,
     "cifar100": cifar100,
 }
