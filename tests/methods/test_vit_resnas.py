@@ -124,6 +124,7 @@ def test_evolution_respects_the_budget_and_finds_the_best():
     ranked = R.evolve(fitness, model, max_macs=limit, population=6, generations=3, seed=0)
     assert all(R.subnet_macs(model, s) <= limit for _, s in ranked)
     assert [f for f, _ in ranked] == sorted((f for f, _ in ranked), reverse=True)
+    assert len(ranked) == 6 + 3 * 3  # the first population, then 3 new children a generation: never one twice
     assert ranked == R.evolve(fitness, model, max_macs=limit, population=6, generations=3, seed=0)
 
 

@@ -240,8 +240,9 @@ def subnet_macs(model: ResNASViT, subnet: Subnet) -> int:
 def evolve(fitness, model: ResNASViT, *, max_macs: int, population: int = 8, generations: int = 4,
            mutate_prob: float = 0.3, seed: int = 0) -> list[tuple[float, Subnet]]:
     """Evolutionary search (the official ``evo_search.py`` loop, small): keep the best half, refill with mutations
-    and crossovers, only sub-networks within ``max_macs``. ``fitness(subnet) -> float`` (e.g. supernet val
-    accuracy). Returns every (fitness, subnet) evaluated, best first."""
+    and crossovers, only sub-networks within ``max_macs`` and none evaluated before (the official keeps a visited
+    set too). ``fitness(subnet) -> float`` (e.g. supernet val accuracy). Returns every (fitness, subnet)
+    evaluated, best first."""
     check_int(population, "population", "evolve", low=2)
     rng = random.Random(seed)
     seen: dict[Subnet, float] = {}
@@ -261,18 +262,26 @@ def evolve(fitness, model: ResNASViT, *, max_macs: int, population: int = 8, gen
             seen[s] = float(fitness(s))
         return seen[s]
 
-    pop = [sample() for _ in range(population)]
+    pop = []
+    for _ in range(1000):  # a first population of distinct sub-networks (fewer if the budget leaves fewer)
+        if len(pop) == population:
+            break
+        s = sample()
+        if s not in pop:
+            pop.append(s)
     for _ in range(generations):
         pop = sorted(set(pop), key=score, reverse=True)[:max(2, population // 2)]
         children = []
-        while len(pop) + len(children) < population:
+        for _ in range(1000):  # a small space runs out of new sub-networks: stop trying, keep the survivors
+            if len(pop) + len(children) >= population:
+                break
             a, b = rng.sample(pop, 2)
             child = Subnet(tuple(x if rng.random() < 0.5 else y for x, y in zip(a.blocks, b.blocks)))
             if rng.random() < mutate_prob:
                 fresh = model.sample_subnet(rng)
                 i = rng.randrange(len(child.blocks))
                 child = Subnet(child.blocks[:i] + (fresh.blocks[i],) + child.blocks[i + 1:])
-            if valid(child):
+            if valid(child) and child not in seen and child not in children:  # never the same one twice
                 children.append(child)
         pop = pop + children
     for s in pop:
