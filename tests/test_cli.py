@@ -42,7 +42,9 @@ def test_names_match_the_registries():
 
     # chapter 1 registers its lesson architectures (ch1_*) when a lesson module is imported: not CLI choices
     base_models = {m for m in MODELS if not m.startswith("ch1_")}
-    assert set(cli.DATASET_NAMES) == set(DATASETS) and set(cli.MODEL_NAMES) == base_models
+    # the multi-label x-rays and the 3-D volumes feed chapter 5's own loops, not `python -m vitlab.train`
+    not_cli = {"thorax_xrays", "shape_volumes"}
+    assert set(cli.DATASET_NAMES) == set(DATASETS) - not_cli and set(cli.MODEL_NAMES) == base_models
 
 
 @pytest.mark.parametrize("args, word", [
