@@ -68,6 +68,8 @@ def test_subset_and_repr():
     assert torch.equal(sub.images, ds.images[[3, 1, 4]]) and torch.equal(sub.masks, ds.masks[[3, 1, 4]])
     assert len(ds.subset(ds.labels == ds.labels[0])) == int((ds.labels == ds.labels[0]).sum())
     assert "cluttered_scenes" in repr(ds) and "n=20" in repr(ds)
+    with pytest.raises(ValueError, match=r"subset: a bool mask must have shape \(20,\)"):
+        ds.subset(torch.ones(5, dtype=torch.bool))  # one row rule for every dataset class (data.dataset.row_indices)
 
 
 # ------------------------------------------------------------------------------------------ cluttered scenes

@@ -15,6 +15,25 @@ def check_split(split: str, caller: str) -> None:
         raise ValueError(f"{caller}: unknown split {split!r}; valid: {list(SPLITS)}")
 
 
+def row_indices(indices, n: int, rows: str = "images") -> Tensor:
+    """``subset``'s rows as int64 [k]: a list or 1-D int tensor (negative counts from the end), or a bool mask of
+    shape (n,); a clear error for anything else or an index out of range (``rows`` names them in it)."""
+    idx = torch.as_tensor(indices)
+    if idx.numel() == 0:
+        idx = idx.long().reshape(0)
+    if idx.dtype == torch.bool:
+        if idx.shape != (n,):
+            raise ValueError(f"subset: a bool mask must have shape ({n},), got {tuple(idx.shape)}")
+        idx = idx.nonzero().flatten()
+    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"subset: indices must be 1-D integers or a bool mask, got {idx.dtype} {tuple(idx.shape)}")
+    idx = idx.long()
+    if len(idx) and not (-n <= int(idx.min()) and int(idx.max()) < n):
+        raise ValueError(f"subset: indices must be in 0..{n - 1} (this dataset has {n} {rows}), "
+                         f"got values from {int(idx.min())} to {int(idx.max())}")
+    return idx
+
+
 class ImageDataset(Dataset):
     """Images float32 [N,C,H,W] in [0,1] (not normalised), labels int64 [N], optional masks bool [N,H,W].
 
@@ -52,18 +71,7 @@ class ImageDataset(Dataset):
 
     def subset(self, indices, *, name: str | None = None) -> "ImageDataset":
         """The rows ``indices`` (a list or 1-D int/bool tensor), masks included."""
-        idx = torch.as_tensor(indices)
-        if idx.numel() == 0:
-            idx = idx.long().reshape(0)
-        if idx.dtype == torch.bool:
-            idx = idx.nonzero().flatten()
-        if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"subset: indices must be 1-D integers or a bool mask, got {idx.dtype} "
-                            f"{tuple(idx.shape)}")
-        idx = idx.long()
-        if len(idx) and not (-len(self) <= int(idx.min()) and int(idx.max()) < len(self)):
-            raise ValueError(f"subset: indices must be in 0..{len(self) - 1} (this dataset has {len(self)} images), "
-                             f"got values from {int(idx.min())} to {int(idx.max())}")
+        idx = row_indices(indices, len(self))
         return ImageDataset(self.images[idx], self.labels[idx], name=name or self.name, split=self.split,
                             classes=self.classes, masks=None if self.masks is None else self.masks[idx])
 

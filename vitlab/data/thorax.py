@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..metrics import mean_auc
-from .dataset import SPLITS, check_split
+from .dataset import SPLITS, check_split, row_indices
 from .scenes import _generator, _one_thread, _uniform
 
 __all__ = ["thorax_xrays", "MultiLabelDataset", "FINDINGS", "PREVALENCE", "THORAX_SIZES", "CTR_THRESHOLD",
@@ -86,19 +86,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
 
     def subset(self, indices, *, name: str | None = None) -> "MultiLabelDataset":
         """The rows ``indices`` (a list or 1-D int/bool tensor), masks included."""
-        idx = torch.as_tensor(indices)
-        if idx.numel() == 0:
-            idx = idx.long().reshape(0)
-        if idx.dtype == torch.bool:
-            if idx.shape != (len(self),):
-                raise ValueError(f"subset: a bool mask must have shape ({len(self)},), got {tuple(idx.shape)}")
-            idx = idx.nonzero().flatten()
-        if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"subset: indices must be 1-D integers or a bool mask, got {idx.dtype} {tuple(idx.shape)}")
-        idx = idx.long()
-        if len(idx) and not (-len(self) <= int(idx.min()) and int(idx.max()) < len(self)):
-            raise ValueError(f"subset: indices must be in 0..{len(self) - 1} (this dataset has {len(self)} images), "
-                             f"got values from {int(idx.min())} to {int(idx.max())}")
+        idx = row_indices(indices, len(self))
         return MultiLabelDataset(self.images[idx], self.labels[idx], name=name or self.name, split=self.split,
                                  classes=self.classes, masks=None if self.masks is None else self.masks[idx])
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dataset import SPLITS, ImageDataset, check_split, stratified_order
+from .dataset import SPLITS, ImageDataset, check_split, row_indices, stratified_order
 from .scenes import _generator, _one_thread, _uniform
 
 __all__ = ["shape_volumes", "volume_slices", "VolumeDataset", "VOLUME_CLASSES", "VOLUME_SIZES"]
@@ -80,19 +80,7 @@ class VolumeDataset(torch.utils.data.Dataset):
 
     def subset(self, indices, *, name: str | None = None) -> "VolumeDataset":
         """The rows ``indices`` (a list or 1-D int/bool tensor), masks included."""
-        idx = torch.as_tensor(indices)
-        if idx.numel() == 0:
-            idx = idx.long().reshape(0)
-        if idx.dtype == torch.bool:
-            if idx.shape != (len(self),):
-                raise ValueError(f"subset: a bool mask must have shape ({len(self)},), got {tuple(idx.shape)}")
-            idx = idx.nonzero().flatten()
-        if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"subset: indices must be 1-D integers or a bool mask, got {idx.dtype} {tuple(idx.shape)}")
-        idx = idx.long()
-        if len(idx) and not (-len(self) <= int(idx.min()) and int(idx.max()) < len(self)):
-            raise ValueError(f"subset: indices must be in 0..{len(self) - 1} (this dataset has {len(self)} volumes), "
-                             f"got values from {int(idx.min())} to {int(idx.max())}")
+        idx = row_indices(indices, len(self), "volumes")
         return VolumeDataset(self.images[idx], self.labels[idx], name=name or self.name, split=self.split,
                              classes=self.classes, masks=None if self.masks is None else self.masks[idx])
 
