@@ -8,6 +8,7 @@ from vitlab import zoo
 from vitlab.methods.architectures import recipes
 from vitlab.models import create_model
 from vitlab.models.registry import builder
+from vitlab.profiles import PROFILES
 
 
 class TinyMLP(nn.Module):
@@ -91,6 +92,9 @@ def test_train_step_ms_times_a_step_and_leaves_the_model_alone():
     (lambda: recipes.check_matched(3, TinyMLP()), "check_matched: model must be an nn.Module"),
     (lambda: recipes.train_step_ms("vit", None), "train_step_ms: model must be an nn.Module"),
     (lambda: builder("no_such_model"), "unknown model 'no_such_model'"),
+    (lambda: recipes.equal_time_steps("test_mlp"), "equal_time_steps: no measured step time for 'test_mlp'"),
+    (lambda: recipes.trained_equal_time("vit", 0, PROFILES["gpu"]), "trained_equal_time: the step budgets are measured on CPU"),
+    (lambda: recipes.trained_equal_time("vit", 5, "smoke"), "trained_equal_time: seed must be one of"),
 ])
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -118,3 +122,27 @@ def test_import_all_registers_the_chapter():
     found = recipes.import_all()
     assert {"shift_equivariant", "ggem_pooling", "l2vit"} <= set(found) and set(found) <= set(recipes.MODULES)
     assert recipes.registered("shift_equivariant") == "digits" and recipes.registered("patch_scaling_p1") == "digits8"
+
+
+def test_equal_time_steps_fill_the_plain_vits_training_time():
+    import json
+    from pathlib import Path
+
+    budget = recipes.STEPS["cpu"] * recipes.STEP_MS_CPU["vit"]
+    assert recipes.equal_time_steps("vit") == recipes.STEPS["cpu"]
+    for method, ms in recipes.STEP_MS_CPU.items():
+        steps = recipes.equal_time_steps(method)
+        assert steps % 50 == 0 and abs(steps * ms - budget) <= 25 * ms  # rounded to the nearest 50 steps
+    # twice as slow -> half the steps; the committed timing is the one the constants were copied from
+    assert recipes.equal_time_steps("duoformer") < recipes.STEPS["cpu"] < recipes.equal_time_steps("crossvit")
+    timed = json.loads((Path(__file__).parents[2] / "benchmarks/results/ch1_step_ms_cpu.json").read_text())
+    assert timed["ms_per_step"] == recipes.STEP_MS_CPU
+
+
+def test_equal_time_entries_differ_from_the_equal_step_ones_only_in_steps():
+    recipes.import_all()
+    slow = zoo.ZOO["ch1_duoformer_digits_eqtime_s1"].config("cpu")
+    same = zoo.ZOO["ch1_duoformer_digits_s1"].config("cpu")
+    assert slow["fit"].pop("steps") == recipes.equal_time_steps("duoformer") and same["fit"].pop("steps") == 3000
+    assert slow == same
+    assert "ch1_volo_digits_eqtime_s0" not in zoo.ZOO  # its budget rounds to 3,000 steps: the first model serves

@@ -38,7 +38,8 @@ from vitlab.profiles import profile as get_profile
 
 __all__ = ["DATASETS", "SEEDS", "TRAIN", "STEPS", "register", "registered", "data", "train_kwargs", "seeds",
            "trained", "model_name", "entry_name", "check_matched", "measure_row", "BASELINE", "plot_training",
-           "plateau_text", "MODULES", "import_all", "train_step_ms"]
+           "plateau_text", "MODULES", "import_all", "train_step_ms", "STEP_MS_CPU", "equal_time_steps",
+           "trained_equal_time"]
 
 # Every chapter-1 module: importing one registers its architectures (``register``); ``import_all`` imports them all
 # (for the comparison and for lessons that look across the chapter).
@@ -64,11 +65,28 @@ STEPS = {"cpu": 3000, "gpu": 30000}
 GPU_TRAIN = dict(TRAIN, lr=1e-3, shift=4, batch_size=256)
 SEEDS = (0, 1, 2)
 
+# Equal wall-clock, the comparison's second reading: every architecture gets the plain ViT's training time
+# (STEPS["cpu"] of its steps) in steps of its own, STEPS * STEP_MS["vit"] / STEP_MS[method], rounded to 50, so
+# cheap architectures train longer and costly ones shorter. STEP_MS_CPU: one training step of the recipe (batch 64,
+# one CPU thread), timed round-robin by `benchmarks/ch1_step_times.py` (benchmarks/results/ch1_step_ms_cpu.json).
+# Fixed numbers, not a timer inside training: the same seed gives the same weights on every machine.
+STEP_MS_CPU = {"vit": 98.6, "t2t_vit": 154.8, "crossvit": 63.2, "volo": 98.3, "dhvt": 166.7, "dualtoken_vit": 61.6,
+               "cas_vit": 70.9, "duoformer": 244.2, "shift_equivariant": 110.9, "l2vit": 183.9, "gmm_vit": 107.7,
+               "hyena_hyena": 182.7, "hyena_hybrid": 134.5, "vit_resnas": 133.4}
+
 # The control every architecture is compared with: a plain ViT (vit_nano's 4 x 64, patch 4), ~0.14 M parameters
 # on digits. Each lesson's architecture is sized to about as many parameters (check_matched).
 BASELINE = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
 
 _REGISTERED: dict[str, str] = {}  # method -> dataset
+
+
+def equal_time_steps(method: str) -> int:
+    """The steps ``method`` trains for in the plain ViT's cpu training time (``STEP_MS_CPU``), rounded to 50."""
+    if method not in STEP_MS_CPU:
+        raise ValueError(f"equal_time_steps: no measured step time for {method!r}; measured: {sorted(STEP_MS_CPU)} "
+                         f"(benchmarks/ch1_step_times.py)")
+    return int(round(STEPS["cpu"] * STEP_MS_CPU["vit"] / STEP_MS_CPU[method] / 50) * 50)
 
 
 def model_name(method: str) -> str:
@@ -105,6 +123,11 @@ def register(method: str, builder: Callable[..., nn.Module], *, dataset: str = "
         zoo.register(f"{name}_{dataset}_s{seed}", zoo.Recipe(
             model=name, data=source, data_kwargs=dict(kwargs), fit=dict(TRAIN), seed=seed, data_seed=DATA_SEED,
             per_profile={"cpu": dict(steps=STEPS["cpu"], max_train=n_train)}, shares={"smoke": "cpu"}))
+        if method in STEP_MS_CPU and equal_time_steps(method) != STEPS["cpu"]:
+            zoo.register(f"{name}_{dataset}_eqtime_s{seed}", zoo.Recipe(
+                model=name, data=source, data_kwargs=dict(kwargs), fit=dict(TRAIN), seed=seed, data_seed=DATA_SEED,
+                per_profile={"cpu": dict(steps=equal_time_steps(method), max_train=n_train)},
+                shares={"smoke": "cpu"}))
         zoo.register(f"{name}_cifar100_s{seed}", zoo.Recipe(
             model=name, data=GPU_DATASET[0], data_kwargs=dict(GPU_DATASET[1]), fit=dict(GPU_TRAIN), seed=seed,
             per_profile={"gpu": dict(steps=STEPS["gpu"])}))
@@ -170,6 +193,23 @@ def trained(method: str, seed: int, profile: Profile | str | None = None, *, ret
         raise ValueError(f"trained: seed must be one of {SEEDS}, got {seed!r}")
     return zoo.get(entry_name(method, seed, profile), profile, retrain=retrain, progress=progress,
                    return_info=True)
+
+
+def trained_equal_time(method: str, seed: int, profile: Profile | str | None = None, *, retrain: bool = False,
+                       progress: bool = True) -> tuple[nn.Module, dict]:
+    """Like ``trained``, but for ``equal_time_steps(method)`` steps: the plain ViT's wall-clock on one CPU thread.
+    Where that rounds to ``STEPS`` (the plain ViT itself, or an architecture as fast as it) it is ``trained``'s
+    model. cpu and smoke profiles only: on a GPU the step times, so the budgets, are the GPU's to measure."""
+    P = get_profile(profile)
+    if P.name == "gpu":
+        raise ValueError("trained_equal_time: the step budgets are measured on CPU (STEP_MS_CPU); on a GPU, time "
+                         "the steps there (benchmarks/ch1_step_times.py) and train with fit(..., steps=...)")
+    if seed not in SEEDS:
+        raise ValueError(f"trained_equal_time: seed must be one of {SEEDS}, got {seed!r}")
+    if equal_time_steps(method) == STEPS["cpu"]:
+        return trained(method, seed, P, retrain=retrain, progress=progress)
+    name = f"{model_name(method)}_{registered(method)}_eqtime_s{seed}"
+    return zoo.get(name, P, retrain=retrain, progress=progress, return_info=True)
 
 
 def check_matched(model: nn.Module, control: nn.Module, *, tolerance: float = 0.3) -> float:

@@ -1,0 +1,68 @@
+"""The training-step time of every chapter-1 architecture on one CPU thread, measured round-robin so that machine
+noise hits them alike: the source of chapter 1's equal-wall-clock step counts (``recipes.STEP_MS``).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ch1_step_times.py [--rounds 8] [--steps 8]
+
+Each round times ``--steps`` steps of the chapter's recipe (forward, label-smoothed loss, backward, AdamW) on a batch
+of 64 training digits for each architecture in turn; we report the median over rounds of the per-step mean and
+write ``benchmarks/results/ch1_step_ms_cpu.json``.
+"""
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vitlab.methods.architectures import recipes
+from vitlab.models import create_model
+from vitlab import seed_everything
+
+METHODS = ("vit", "t2t_vit", "crossvit", "volo", "dhvt", "dualtoken_vit", "cas_vit", "duoformer",
+           "shift_equivariant", "l2vit", "gmm_vit", "hyena_hyena", "hyena_hybrid", "vit_resnas")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    recipes.import_all()
+    train, _, _ = recipes.data("digits", "cpu")
+    x, y = train.images[:64], train.labels[:64]
+    steps = {}
+    for method in METHODS:
+        seed_everything(0)
+        model = create_model(recipes.model_name(method)).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=recipes.TRAIN["lr"], weight_decay=recipes.TRAIN["weight_decay"])
+
+        def step(model=model, opt=opt):
+            loss = F.cross_entropy(model(x), y, label_smoothing=recipes.TRAIN["label_smoothing"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        step(), step()  # warm-up: allocator and AdamW state
+        steps[method] = step
+    times = {m: [] for m in METHODS}
+    for _ in range(args.rounds):
+        for method, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[method].append((time.perf_counter() - t0) * 1e3 / args.steps)
+    ms = {m: round(statistics.median(t), 1) for m, t in times.items()}
+    for m, v in ms.items():
+        print(f"{m:18s} {v:7.1f} ms/step  ({v / ms['vit']:.2f}x the plain ViT)")
+    out = Path(__file__).parent / "results" / "ch1_step_ms_cpu.json"
+    out.write_text(json.dumps({"ms_per_step": ms, "rounds": args.rounds, "steps": args.steps, "threads": 1,
+                               "batch": 64, "machine": platform.processor() or platform.machine(),
+                               "torch": torch.__version__}, indent=1) + "\n")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
