@@ -168,3 +168,57 @@ def test_adamw_lr_scaled_splits_timms_groups():
     assert by_id[id(model[2].weight)]["weight_decay"] == 0.05 and by_id[id(model[2].bias)]["weight_decay"] == 0.0
     with pytest.raises(ValueError, match="scale"):
         adamw_lr_scaled(lambda m: [], 0)
+
+
+def multilabel_toy(n=256, seed=0):
+    """Multi-label toy: each of 4 quadrants is independently bright (target 1) or not."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.rand(n, 4, generator=g) < 0.4).float()
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.3
+    for k in range(4):
+        r, q = divmod(k, 2)
+        x[:, 0, 4 * r:4 * r + 4, 4 * q:4 * q + 4] += 0.6 * y[:, k, None, None]
+    return x, y
+
+
+def test_multilabel_targets_train_with_bce_and_report_auc():
+    seed_everything(0)
+    m = create_model("vit_nano", img_size=8, num_classes=4, depth=2)
+    h = fit(m, multilabel_toy(), multilabel_toy(128, seed=1), profile="smoke", batch_size=32, epochs=12, lr=1e-2,
+            progress=False)
+    assert len(h["val_auc"]) == 12 and h["train_loss"][-1] < h["train_loss"][0]
+    ev = evaluate(m, multilabel_toy(128, seed=2))
+    assert ev["auc"] > 0.8 and ev["acc"] > 0.7 and set(ev) == {"loss", "acc", "auc"}
+    assert 0 <= h["train_acc"][-1] <= 1
+
+
+def test_multilabel_loss_is_bce_with_per_class_smoothing():
+    import torch.nn.functional as F
+
+    from vitlab.train import multilabel_loss
+
+    logits, y = torch.tensor([[2.0, -1.0]]), torch.tensor([[1.0, 0.0]])
+    assert multilabel_loss(logits, y) == pytest.approx(F.binary_cross_entropy_with_logits(logits, y).item())
+    smoothed = torch.tensor([[0.95, 0.05]])  # epsilon 0.1: 1 -> 1 - 0.05, 0 -> 0.05
+    assert multilabel_loss(logits, y, 0.1) == pytest.approx(F.binary_cross_entropy_with_logits(logits, smoothed).item())
+
+
+def test_multilabel_bad_targets_are_named():
+    m = create_model("vit_nano", img_size=8, num_classes=4, depth=2)
+    x, y = multilabel_toy(32)
+    with pytest.raises(ValueError, match="have 3 columns but the model has 4 outputs"):
+        fit(m, (x, y[:, :3]), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        fit(m, (x, y * 2), epochs=1, progress=False)
+    with pytest.raises(TypeError, match="must be floating point 0/1"):
+        fit(m, (x, y.long()), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="must be of one kind"):
+        fit(m, (x, y), toy(32), epochs=1, progress=False)
+
+
+def test_a_self_supervised_step_fn_returns_no_logits():
+    seed_everything(0)
+    m = create_model("vit_nano", img_size=8, num_classes=4, depth=2)
+    h = fit(m, toy(64), profile="smoke", batch_size=32, epochs=2, progress=False,
+            step_fn=lambda net, x, y: ((net(x) ** 2).mean(), None))
+    assert len(h["train_loss"]) == 2 and all(a != a for a in h["train_acc"])  # nan: nothing classified

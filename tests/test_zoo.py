@@ -280,7 +280,7 @@ def test_finetune_starts_from_its_base_and_follows_it(ckpts):
 
 
 def test_register_rejects_an_unknown_or_mismatched_init():
-    with pytest.raises(ValueError, match="must be a registered 'vit_tiny' entry"):
+    with pytest.raises(ValueError, match="'no_such_base', which must be a registered entry"):
         zoo.register("t_bad_init", zoo.Recipe(model="vit_tiny", data="digits8", init="no_such_base"))
     with pytest.raises(ValueError, match="must be a registered 'vit_tiny' entry"):
         zoo.register("t_bad_init", zoo.Recipe(model="vit_tiny", data="digits8", init=zh.NAME))  # a vit_nano base
@@ -297,3 +297,63 @@ def test_state_hash_covers_batchnorm_counters_and_keeps_old_hashes():
     assert zoo.state_hash(bn.state_dict()) != before
     payload = zoo.load_checkpoint(zoo.checkpoint_dir() / "vit_tiny_mnist5k-cpu.pt")
     assert zoo.state_hash(payload["state_dict"]) == payload["sha256"]
+
+
+# A pre-training (MAE, through its zoo objective) and a fine-tune that starts from its encoder; a multi-label entry.
+# Registered for these tests only (the CLI's choices must not see them).
+from vitlab.mae import MaskedAutoencoder, mae_model  # noqa: E402  (registers the "mae" objective)
+from vitlab.models import VisionTransformer  # noqa: E402
+from vitlab.models import registry  # noqa: E402
+
+TINY = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+
+
+@pytest.fixture
+def pretraining(ckpts, monkeypatch):
+    for name, build, cfg in (("t_mae", mae_model, dict(TINY, decoder_dim=16, decoder_depth=1, decoder_heads=2)),
+                             ("t_mae_vit", VisionTransformer, dict(TINY, num_classes=10, global_pool="avg"))):
+        monkeypatch.setitem(registry.MODELS, name, cfg)
+        monkeypatch.setitem(registry._BUILDERS, name, build)
+    for name, recipe in (
+            ("t_mae_digits8", zoo.Recipe(model="t_mae", data="digits8", fit=dict(steps=4, lr=1e-3, batch_size=32),
+                                         objective="mae", objective_kwargs=dict(mask_ratio=0.75, crop_scale=[0.5, 1.0]))),
+            ("t_mae_ft_digits8", zoo.Recipe(model="t_mae_vit", data="digits8", init="t_mae_digits8",
+                                            fit=dict(steps=1, lr=1e-9, batch_size=32, layer_decay=0.75))),
+            ("t_thorax16", zoo.Recipe(model="t_mae_vit", data="thorax_xrays", data_kwargs=dict(img_size=16),
+                                      fit=dict(steps=4, lr=1e-3, batch_size=32, label_smoothing=0.0),
+                                      per_profile={"smoke": dict(max_train=200)}))):
+        monkeypatch.setitem(zoo.ZOO, name, recipe)  # removed again after the test
+        del zoo.ZOO[name]
+        zoo.register(name, recipe)  # through register's checks
+    return ckpts
+
+
+def test_a_pretraining_objective_trains_and_scores_itself(pretraining):
+    mae, info = zoo.get("t_mae_digits8", "smoke", progress=False, return_info=True)
+    assert isinstance(mae, MaskedAutoencoder) and not mae.training
+    assert info["config"]["objective"] == {"name": "mae", "mask_ratio": 0.75, "crop_scale": [0.5, 1.0]}
+    assert set(info["metrics"]) == {"val_loss", "test_loss", "train_seconds"} and info["metrics"]["test_loss"] > 0
+    assert len(info["history"]["step"]) and info["history"]["step"][-1] == 4
+
+
+def test_a_finetune_starts_from_the_pretrainings_encoder(pretraining):
+    mae = zoo.get("t_mae_digits8", "smoke", progress=False)
+    vit, info = zoo.get("t_mae_ft_digits8", "smoke", progress=False, return_info=True)
+    assert isinstance(vit, VisionTransformer) and info["config"]["init"]["name"] == "t_mae_digits8"
+    enc = mae.encoder_state()
+    for key in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight"):  # one step at lr 1e-9: still the encoder's
+        assert torch.allclose(vit.state_dict()[key], enc[key], atol=1e-6)
+
+
+def test_a_multilabel_entry_records_mean_auc(pretraining):
+    _, info = zoo.get("t_thorax16", "smoke", progress=False, return_info=True)
+    m = info["metrics"]
+    assert {"val_auc", "test_auc", "test_acc", "plateau_gain"} <= set(m) and 0 <= m["test_auc"] <= 1
+    assert len(info["history"]["val_auc"]) == len(info["history"]["epoch"])
+
+
+def test_an_unregistered_objective_is_named(pretraining, monkeypatch):
+    monkeypatch.setitem(zoo.ZOO, "t_nobj", zoo.Recipe(model="t_mae", data="digits8", fit=dict(steps=1),
+                                                       objective="nope"))
+    with pytest.raises(ValueError, match="needs the objective 'nope', which is not registered"):
+        zoo.get("t_nobj", "smoke", progress=False)

@@ -57,7 +57,8 @@ from vitlab.checks import check_choice, check_images, check_int, check_number
 from vitlab.models.vit import Block, LayerNorm, PatchEmbed, VisionTransformer, init_linear_
 
 __all__ = ["patchify", "unpatchify", "patchify3d", "unpatchify3d", "sincos_1d", "sincos_pos_embed_2d",
-           "sincos_pos_embed_3d", "random_masking", "MaskedAutoencoder"]
+           "sincos_pos_embed_3d", "random_masking", "MaskedAutoencoder", "mae_model", "reconstruction_loss",
+           "mae_objective"]
 
 
 # ------------------------------------------------------------------------------------------------ patches
@@ -378,30 +379,41 @@ class MaskedAutoencoder(nn.Module):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(enc)}
 
     def to_vit(self, num_classes: int = 0, global_pool: str = "token", **vit_kwargs) -> VisionTransformer:
-        """A ``vitlab.models.VisionTransformer`` with this encoder's weights, for fine-tuning or probing.
-
-        Loaded with ``strict=False``; the keys that differ, and nothing else (checked):
-        - missing in the encoder: ``head.weight``/``head.bias`` (when ``num_classes`` > 0), initialised as the
-          official fine-tune does (weight trunc-normal std 2e-5, bias 0);
-        - ``global_pool="avg"``: ``fc_norm.*`` missing (fresh LayerNorm) and the encoder's ``norm.*`` dropped
-          (the ViT has no ``norm`` then), as MAE's ``main_finetune.py`` with ``--global_pool``.
-        ``pos_embed`` becomes a learnable parameter initialised with the sin-cos table, as in the official
-        fine-tune. ``vit_kwargs`` (e.g. ``drop_path_rate``) go to ``VisionTransformer``.
-        """
+        """A ``vitlab.models.VisionTransformer`` with this encoder's weights, for fine-tuning or probing
+        (``load_into`` says which keys differ). ``vit_kwargs`` (e.g. ``drop_path_rate``) go to the ViT."""
         vit = VisionTransformer(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
                                 num_classes=num_classes, global_pool=global_pool, embed_dim=self.embed_dim,
                                 depth=len(self.blocks), num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                                 **vit_kwargs)
         vit.to(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.load_into(vit)
+        return vit
+
+    def load_into(self, vit: VisionTransformer) -> VisionTransformer:
+        """Load this encoder's weights into ``vit`` (a ``VisionTransformer`` of the same width, depth and patches)
+        and return it. Loaded with ``strict=False``; the keys that differ, and nothing else (checked):
+        - missing in the encoder: ``head.weight``/``head.bias`` (when the ViT has classes), initialised as the
+          official fine-tune does (weight trunc-normal std 2e-5, bias 0);
+        - a ViT with ``global_pool="avg"``: ``fc_norm.*`` missing (fresh LayerNorm) and the encoder's ``norm.*``
+          dropped (the ViT has no ``norm`` then), as MAE's ``main_finetune.py`` with ``--global_pool``.
+        ``pos_embed`` becomes the ViT's learnable parameter, initialised with the sin-cos table, as in the
+        official fine-tune. The zoo calls this to start a fine-tune from a cached pre-training."""
+        if not isinstance(vit, VisionTransformer):
+            raise TypeError(f"MaskedAutoencoder.load_into: vit must be a vitlab VisionTransformer, got "
+                            f"{type(vit).__name__}")
         state = self.encoder_state()
-        if global_pool == "avg":
+        if isinstance(vit.norm, nn.Identity):  # the average-pooling ViT normalises after pooling (fc_norm)
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-        res = vit.load_state_dict(state, strict=False)
+        try:
+            res = vit.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes differ: another width, depth or patch grid
+            raise ValueError(f"MaskedAutoencoder.load_into: the ViT does not match this encoder ({self.extra_repr()})"
+                             f": {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
         allowed = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
         if res.unexpected_keys or not set(res.missing_keys) <= allowed:
-            raise RuntimeError(f"MaskedAutoencoder.to_vit: keys do not match: missing {res.missing_keys}, "
+            raise RuntimeError(f"MaskedAutoencoder.load_into: keys do not match: missing {res.missing_keys}, "
                                f"unexpected {res.unexpected_keys}")
-        if num_classes:
+        if isinstance(vit.head, nn.Linear):
             trunc_normal_(vit.head.weight, std=2e-5)
             nn.init.zeros_(vit.head.bias)
         return vit
@@ -410,3 +422,63 @@ class MaskedAutoencoder(nn.Module):
         return (f"img_size={self.img_size}, patch_size={self.patch_size}, tokens={self.num_patches}+1, "
                 f"dim={self.embed_dim}, depth={len(self.blocks)}, decoder={self.decoder_embed.out_features}"
                 f"x{len(self.decoder_blocks)}, norm_pix_loss={self.norm_pix_loss}")
+
+
+# ------------------------------------------------------------------------------------------ pre-training
+def mae_model(num_classes: int = 0, **kwargs) -> MaskedAutoencoder:
+    """The model registry's builder for a ``MaskedAutoencoder`` (``register_model(name, mae_model, ...)``): a
+    dataset sets ``num_classes`` for every registered model, and pre-training has no use for it."""
+    return MaskedAutoencoder(**kwargs)
+
+
+@torch.no_grad()
+def reconstruction_loss(model: MaskedAutoencoder, data, mask_ratio: float = 0.75, *, seed: int = 0,
+                        batch_size: int = 256) -> float:
+    """MAE's loss (MSE on the removed patches) over ``data``'s images, each masked by a generator seeded with
+    ``seed``: the same patches removed every call, so two models (or two checkpoints) are scored alike."""
+    if not isinstance(model, MaskedAutoencoder):
+        raise TypeError(f"reconstruction_loss: model must be a MaskedAutoencoder, got {type(model).__name__}")
+    images = getattr(data, "images", data)
+    if not torch.is_tensor(images) or images.ndim != 4 or len(images) == 0:
+        raise ValueError("reconstruction_loss: data must be a dataset with images [N,C,H,W] or such a tensor, N > 0")
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    total = 0.0
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        total += model(x, mask_ratio, generator=gen)[0].item() * len(x)
+    model.train(was_training)
+    return total / len(images)
+
+
+def mae_objective(mask_ratio: float = 0.75, crop_scale=(0.2, 1.0)):
+    """MAE pre-training as a ``vitlab.zoo`` objective (registered as ``"mae"``): each step crops every image at
+    its own random scale in ``crop_scale`` (``vitlab.augment.random_resized_crop``), masks ``mask_ratio`` of its
+    patches and regresses them; the checkpoint stores the reconstruction loss on val and test (fixed masks)."""
+    from vitlab import zoo
+    from vitlab.augment import random_resized_crop
+
+    _check_mask_ratio(mask_ratio, "mae_objective")
+    lo, hi = crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"mae_objective: crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}")
+
+    def step_fn(net, images, labels):
+        images = random_resized_crop(images, (lo, hi)) if (lo, hi) != (1, 1) else images
+        return net(images, mask_ratio)[0], None
+
+    def metrics(model, train, val, test):
+        return {"val_loss": reconstruction_loss(model, val, mask_ratio),
+                "test_loss": reconstruction_loss(model, test, mask_ratio)}
+
+    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+
+
+def _register_objective() -> None:
+    from vitlab import zoo
+
+    zoo.register_objective("mae", mae_objective)
+
+
+_register_objective()

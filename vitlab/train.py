@@ -31,7 +31,7 @@ from .cli import OPTIMIZERS, SCHEDULES  # one list for fit and its command line
 from .profiles import Profile, profile as get_profile
 from .seed import seed_everything
 
-__all__ = ["fit", "evaluate", "make_optimizer", "adamw_lr_scaled", "lr_lambda", "random_shift", "is_distributed",
+__all__ = ["fit", "evaluate", "multilabel_loss", "make_optimizer", "adamw_lr_scaled", "lr_lambda", "random_shift", "is_distributed",
            "main"]
 
 
@@ -60,11 +60,15 @@ def _images_labels(data, name: str, fn: str = "fit", optional: bool = True):
     else:
         raise TypeError(f"{fn}: {name} must be a vitlab ImageDataset or an (images, labels) tuple, "
                         f"got {type(data).__name__}")
-    if not (torch.is_tensor(images) and torch.is_tensor(labels)) or images.ndim != 4 or labels.ndim != 1 \
+    if not (torch.is_tensor(images) and torch.is_tensor(labels)) or images.ndim != 4 or labels.ndim not in (1, 2) \
             or len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"{fn}: {name} must hold images [N,C,H,W] and labels [N] with N > 0")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"{fn}: {name} must hold images [N,C,H,W] and labels [N] (class indices) or [N,K] "
+                         f"(multi-hot) with N > 0")
+    if labels.ndim == 1 and (labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex()):
         raise TypeError(f"{fn}: {name} labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.ndim == 2 and not labels.dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} multi-label targets [N,K] must be floating point 0/1 (multi-hot), got dtype "
+                        f"{labels.dtype}")
     if not images.dtype.is_floating_point:
         raise TypeError(f"{fn}: {name} images must be floating point in [0, 1], got dtype {images.dtype}")
     if not torch.isfinite(images).all():
@@ -74,10 +78,35 @@ def _images_labels(data, name: str, fn: str = "fit", optional: bool = True):
 
 def _check_labels(labels: torch.Tensor, model: nn.Module, name: str, fn: str) -> None:
     classes = getattr(model, "num_classes", None)
+    if labels.ndim == 2:  # multi-label: one 0/1 target per class
+        if isinstance(classes, int) and labels.shape[1] != classes:
+            raise ValueError(f"{fn}: {name} multi-label targets have {labels.shape[1]} columns but the model has "
+                             f"{classes} outputs")
+        if not ((labels >= 0) & (labels <= 1)).all():
+            raise ValueError(f"{fn}: {name} multi-label targets must lie in [0, 1] (multi-hot), got values in "
+                             f"{float(labels.min()):g}..{float(labels.max()):g}")
+        return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or (isinstance(classes, int) and hi >= classes):
         raise ValueError(f"{fn}: {name} labels must be in 0..{(classes or hi + 1) - 1} "
                          f"(the model has {classes} classes), got labels in {lo}..{hi}")
+
+
+def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Binary cross-entropy with logits, averaged over samples and classes: the multi-label loss (each class a
+    yes/no question, as ``BCEWithLogitsLoss`` in the thorax papers' fine-tunes). ``label_smoothing`` ε moves each
+    0/1 target to ε/2 or 1 − ε/2 (a two-class smoothing per finding)."""
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + label_smoothing / 2
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def _hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Correct predictions summed over the batch: argmax = label, or (multi-label) the fraction of classes
+    whose sign of the logit matches the 0/1 target, per sample."""
+    if y.ndim == 2:
+        return ((logits > 0) == (y > 0.5)).float().mean(-1).sum()
+    return (logits.argmax(-1) == y).sum()
 
 
 def make_optimizer(model: nn.Module, name="adamw", lr: float = 1e-3, weight_decay: float = 0.05):
@@ -146,24 +175,40 @@ def random_shift(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, label_smoothing: float = 0.0,
              amp: torch.dtype | None = None) -> dict:
-    """Loss and accuracy of ``model`` on ``data`` (model left in the mode it was in)."""
+    """Loss and accuracy of ``model`` on ``data`` (model left in the mode it was in). With multi-label targets
+    [N,K]: binary cross-entropy, per-class accuracy (logit > 0 against the 0/1 target) and ``auc``, the mean
+    over classes of ROC AUC (``vitlab.metrics.mean_auc``; nan when a class has only one label value here)."""
     check_model(model, "evaluate")
     images, labels = _images_labels(data, "data", "evaluate", optional=False)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"evaluate: batch_size must be a positive int, got {batch_size!r}")
     _check_labels(labels, model, "data", "evaluate")
+    multilabel = labels.ndim == 2
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, scores = 0.0, 0.0, []
     for i in range(0, len(images), batch_size):
         x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
+        logits = logits.float()
+        if multilabel:
+            loss_sum += multilabel_loss(logits, y, label_smoothing).item() * len(y)
+            scores.append(logits.cpu())
+        else:
+            loss_sum += F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum").item()
+        correct += _hits(logits, y).item()
     model.train(was_training)
-    return {"loss": loss_sum / len(images), "acc": correct / len(images)}
+    out = {"loss": loss_sum / len(images), "acc": correct / len(images)}
+    if multilabel:
+        from .metrics import mean_auc
+
+        try:
+            out["auc"] = mean_auc(torch.cat(scores), labels)[0]
+        except ValueError:  # a class with only positives or only negatives in this data: AUC undefined
+            out["auc"] = float("nan")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- fit
@@ -185,7 +230,11 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
     step_fn(net, images, labels) -> (loss, logits) replaces the whole forward pass and loss, for recipes that
       change the batch or need more than logits (a mixing augmentation with soft labels, a distillation token
       and its teacher). It runs under autocast on the device batch (after ``shift``); the logits only count
-      the training accuracy against ``labels``.
+      the training accuracy against ``labels``. A self-supervised step_fn (MAE) returns (loss, None): the
+      history's ``train_acc`` is then nan, and ``val`` must be None (there is nothing to classify).
+    Labels [N,K] of 0/1 floats (multi-hot) train a multi-label model: the default loss becomes binary
+    cross-entropy (``multilabel_loss``, with ``label_smoothing`` per class), accuracy is per class, and the
+    history gains ``val_auc`` (mean ROC AUC over classes).
     """
     P = get_profile(profile)
     check_model(model, "fit")
@@ -194,6 +243,10 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
     _check_labels(tr[1], model, "train", "fit")
     if va is not None:
         _check_labels(va[1], model, "val", "fit")
+        if va[1].ndim != tr[1].ndim:
+            raise ValueError(f"fit: train and val labels must be of one kind, class indices [N] or multi-hot [N,K]; "
+                             f"got {tuple(tr[1].shape[1:]) or 'indices'} and {tuple(va[1].shape[1:]) or 'indices'}")
+    multilabel = tr[1].ndim == 2
     lr = check_number(lr, "lr", "fit", low=0, low_open=True)
     weight_decay = check_number(weight_decay, "weight_decay", "fit", low=0)
     warmup = check_number(warmup, "warmup", "fit", low=0)
@@ -248,9 +301,13 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
         total_steps = steps
     else:
         total_steps = (epochs or P.epochs) * steps_per_epoch
-    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, label_smoothing=label_smoothing))
+    if loss_fn is None:
+        loss_fn = ((lambda logits, y: multilabel_loss(logits, y, label_smoothing)) if multilabel else
+                   (lambda logits, y: F.cross_entropy(logits, y, label_smoothing=label_smoothing)))
     history = {"epoch": [], "step": [], "train_loss": [], "train_acc": [], "val_loss": [], "val_acc": [], "lr": [],
                "seconds": []}
+    if multilabel and va is not None:
+        history["val_auc"] = []
 
     def train_step(idx):
         sl = idx[rank * (len(idx) // world):(rank + 1) * (len(idx) // world)]  # this rank's slice
@@ -273,7 +330,9 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
-        return loss.detach(), (logits.argmax(-1) == y).sum(), len(y)
+        if logits is None:  # a self-supervised step: no prediction to score
+            return loss.detach(), None, 0
+        return loss.detach(), _hits(logits.detach(), y), len(y)
 
     start = time.perf_counter()
     step = 0  # optimizer steps taken (train_step's error message reads it)
@@ -295,7 +354,7 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
     while total_steps is None or step < total_steps:
         perm = torch.randperm(n, generator=gen)
         loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        correct = torch.zeros((), device=device)
         seen = epoch_steps = 0
         for s in range(steps_per_epoch):
             if total_steps is not None and step >= total_steps:
@@ -311,7 +370,8 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
                 bar.total = total_steps
             sched.step()
             loss_sum += loss
-            correct += corr
+            if corr is not None:
+                correct += corr
             seen += n_batch  # a batch is shorter than batch_size when the data are
             epoch_steps += 1
             step += 1
@@ -323,12 +383,14 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
         history["epoch"].append(epoch)
         history["step"].append(step)
         history["train_loss"].append(loss_sum.item() / world / max(1, epoch_steps))
-        history["train_acc"].append(correct.item() / (seen * world))
+        history["train_acc"].append(correct.item() / (seen * world) if seen else float("nan"))
         history["lr"].append(opt.param_groups[0]["lr"])
         if va is not None:
             ev = evaluate(model, va, batch_size=max(batch_size, 256), device=device, amp=amp_dtype)
             history["val_loss"].append(ev["loss"])
             history["val_acc"].append(ev["acc"])
+            if multilabel:
+                history["val_auc"].append(ev["auc"])
             bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", val_acc=f"{ev['acc']:.3f}")
         history["seconds"].append(time.perf_counter() - start)
     bar.close()

@@ -28,7 +28,7 @@ from .checkpoint import FORMAT, load_checkpoint, save_checkpoint, state_hash
 from .checkpoint import writable as _writable
 from .profiles import Profile, profile as get_profile
 
-__all__ = ["Recipe", "ZOO", "register", "get", "path_for", "save_checkpoint", "load_checkpoint",
+__all__ = ["Recipe", "ZOO", "register", "get", "Objective", "OBJECTIVES", "register_objective", "path_for", "save_checkpoint", "load_checkpoint",
            "state_hash", "checkpoint_dir", "plateau_gain"]
 
 
@@ -51,6 +51,10 @@ class Recipe:
     # the seed of generated data when it differs from `seed` (which seeds the weights and the data order): from-
     # scratch runs over several seeds keep one dataset, so their test sets are the same images
     data_seed: int | None = None
+    # a training objective other than classification, by name in OBJECTIVES (e.g. "mae"), and its arguments:
+    # fit runs the objective's step_fn on the train split, and the objective's metrics replace the accuracies
+    objective: str | None = None
+    objective_kwargs: dict = field(default_factory=dict)
 
     def checkpoint_profile(self, profile_name: str) -> str:
         return self.shares.get(profile_name, profile_name)
@@ -65,6 +69,8 @@ class Recipe:
             cfg["train_kwargs"] = dict(self.train_kwargs)
         if self.data_seed is not None:
             cfg["data_seed"] = self.data_seed
+        if self.objective is not None:
+            cfg["objective"] = {"name": self.objective, **self.objective_kwargs}
         return cfg
 
 
@@ -81,12 +87,36 @@ def _config(recipe: Recipe, P: Profile) -> dict[str, Any]:
 ZOO: dict[str, Recipe] = {}
 
 
+@dataclass(frozen=True)
+class Objective:
+    """A training objective other than classification: ``step_fn(net, images, labels) -> (loss, None)`` for
+    ``fit``, and ``metrics(model, train, val, test) -> dict`` of floats stored with the checkpoint."""
+    step_fn: Any
+    metrics: Any
+
+
+# name -> factory(**Recipe.objective_kwargs) -> Objective. A module registers its objective where it defines it
+# (vitlab.mae registers "mae"), before any recipe that uses it is trained.
+OBJECTIVES: dict[str, Any] = {}
+
+
+def register_objective(name: str, factory) -> None:
+    if not callable(factory):
+        raise TypeError(f"zoo.register_objective: factory must be callable, got {type(factory).__name__}")
+    if name in OBJECTIVES and OBJECTIVES[name] is not factory:
+        raise ValueError(f"zoo.register_objective: {name!r} is already registered")
+    OBJECTIVES[name] = factory
+
+
 def register(name: str, recipe: Recipe) -> None:
     if name in ZOO:
         raise ValueError(f"zoo.register: {name!r} is already registered")
-    if recipe.init is not None and (recipe.init not in ZOO or ZOO[recipe.init].model != recipe.model):
+    if recipe.init is not None and recipe.init not in ZOO:
+        raise ValueError(f"zoo.register: {name!r} starts from {recipe.init!r}, which must be a registered entry")
+    if recipe.init is not None and ZOO[recipe.init].model != recipe.model \
+            and ZOO[recipe.init].objective is None:
         raise ValueError(f"zoo.register: {name!r} starts from {recipe.init!r}, which must be a registered "
-                         f"{recipe.model!r} entry")
+                         f"{recipe.model!r} entry (or a pre-training, whose encoder it takes)")
     ZOO[name] = recipe
 
 
@@ -173,16 +203,40 @@ def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
     seed_everything(recipe.seed)
     model = create_model(recipe.model, data=train)
     if recipe.init is not None:
-        model.load_state_dict(get(recipe.init, P, progress=False).state_dict(), strict=True)
-    # the recipe's fit may carry its own seed (data order, shifts) while the data keep recipe.seed
-    history = fit(model, train, val, profile=P, progress=progress, desc=f"zoo {name}",
-                  **{"seed": recipe.seed, **cfg["fit"]})
-    metrics = {"train_acc": evaluate(model, train)["acc"], "val_acc": history["val_acc"][-1],
-               "test_acc": evaluate(model, test)["acc"], "train_seconds": history["seconds"][-1],
-               "plateau_gain": plateau_gain(history["val_acc"])}
+        _start_from(model, get(recipe.init, P, progress=False))
+    fit_kwargs = {"seed": recipe.seed, **cfg["fit"]}  # the recipe's fit may carry its own seed (data order, shifts)
+    if "layer_decay" in fit_kwargs:  # a fine-tune's layer-wise lr decay (MAE's LLRD) as fit's optimizer factory
+        from .probe import layer_decay_optimizer
+
+        fit_kwargs["optimizer"] = layer_decay_optimizer(fit_kwargs.pop("layer_decay"))
+    if recipe.objective is not None:  # self-supervised: no labels to score, the objective measures itself
+        if recipe.objective not in OBJECTIVES:
+            raise ValueError(f"zoo: {name!r} needs the objective {recipe.objective!r}, which is not registered "
+                             f"(import its module); registered: {sorted(OBJECTIVES)}")
+        objective = OBJECTIVES[recipe.objective](**recipe.objective_kwargs)
+        history = fit(model, train, None, profile=P, progress=progress, desc=f"zoo {name}",
+                      step_fn=objective.step_fn, **fit_kwargs)
+        metrics = {**objective.metrics(model, train, val, test), "train_seconds": history["seconds"][-1]}
+    else:
+        history = fit(model, train, val, profile=P, progress=progress, desc=f"zoo {name}", **fit_kwargs)
+        metrics = {"train_acc": evaluate(model, train)["acc"], "val_acc": history["val_acc"][-1],
+                   "test_acc": evaluate(model, test)["acc"], "train_seconds": history["seconds"][-1],
+                   "plateau_gain": plateau_gain(history["val_acc"])}
+        if "val_auc" in history:  # multi-label: mean ROC AUC is the score, and what must plateau
+            metrics.update(val_auc=history["val_auc"][-1], test_auc=evaluate(model, test)["auc"],
+                           plateau_gain=plateau_gain(history["val_auc"]))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"format": FORMAT, "name": name, "config": cfg, "model_config": model_config(recipe.model, data=train),
             "state_dict": state, "sha256": state_hash(state), "metrics": metrics, "history": history}
+
+
+def _start_from(model, base) -> None:
+    """Load ``base``'s weights into ``model``: all of them (a fine-tune of the same architecture, strict), or a
+    pre-training model's encoder through its ``load_into(model)`` (MAE: the head stays fresh)."""
+    if type(base) is not type(model) and hasattr(base, "load_into"):
+        base.load_into(model)
+    else:
+        model.load_state_dict(base.state_dict(), strict=True)
 
 
 def plateau_gain(val_acc: list[float]) -> float:
