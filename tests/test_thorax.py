@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vitlab.data import load
-from vitlab.data.scenes import _generator
+from vitlab.data.procedural import seeded_generator
 from vitlab.data.thorax import (FINDINGS, PREVALENCE, THORAX_SIZES, MultiLabelDataset, _draw, _render, _thorax,
                                 thorax_xrays)
 from vitlab.metrics import mean_auc
@@ -79,7 +79,7 @@ def test_max_train_is_a_prefix_and_load_keeps_it(train2k):
 # ------------------------------------------------------------------------------------------ findings
 def _pair(k: int, m: int = 64, size: int = 32):
     """The same m patients rendered without findings and with finding k only."""
-    p = _draw(m, size, _generator(11, 0, 0, 7))
+    p = _draw(m, size, seeded_generator(11, 0, 0, 7))
     p["labels"][:] = False
     without = _render(p, size)[0]
     p["labels"][:, k] = True

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["ImageDataset", "SPLITS", "check_split", "stratified_order", "stratified_prefix", "fixed_splits"]
+__all__ = ["ImageDataset", "SPLITS", "check_split", "stratified_order", "stratified_rows", "stratified_prefix", "fixed_splits"]
 
 SPLITS = ("train", "val", "test")
 
@@ -106,12 +106,21 @@ def stratified_order(labels: Tensor, generator: torch.Generator | None = None) -
     return perm[torch.sort(key, stable=True).indices]
 
 
+def stratified_rows(labels: Tensor, keep: int | None = None) -> Tensor:
+    """The rows a stratified cap of ``keep`` images keeps, in their original order: the first ``keep`` of
+    ``stratified_order(labels)``, sorted; every row when ``keep`` is None or at least N. Generators call it with
+    the labels alone, before drawing any pixel, to render only the rows they return."""
+    n = labels.shape[0]
+    if keep is None or keep >= n:
+        return torch.arange(n)
+    return torch.sort(stratified_order(labels)[:keep]).values
+
+
 def stratified_prefix(ds: ImageDataset, k: int) -> ImageDataset:
     """The first ``k`` images in stratified order, kept in their original order (``k >= len``: ``ds``)."""
     if k >= len(ds):
         return ds
-    idx = stratified_order(ds.labels)[:k]
-    return ds.subset(torch.sort(idx).values)
+    return ds.subset(stratified_rows(ds.labels, k))
 
 
 def fixed_splits(labels: Tensor, sizes: dict[str, int], seed: int) -> dict[str, Tensor]:

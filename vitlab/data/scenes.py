@@ -14,16 +14,15 @@ want more data here: ``n=`` draws more scenes (new placements of the same traini
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dataset import SPLITS, ImageDataset, check_split, stratified_order
+from .dataset import SPLITS, ImageDataset, check_split, stratified_rows
+from .procedural import blobs, coverage, minmax, one_thread, pixel_grid, seeded_generator, shape_sd, uniform
 from .offline import DIGIT_CLASSES, mnist5k
 
 __all__ = ["cluttered_scenes", "patch_mask", "SCENE_SIZES"]
@@ -41,72 +40,30 @@ _OBJECT = (0.6, 1.0)  # colours of the digit and distractors, per channel: alway
 _GRAIN = 0.03  # pixel noise over the whole image
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run on one intra-op thread: these ops are small, and on a busy machine (parallel notebooks) two
-    spinning OpenMP threads made generation ~50x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _generator(*keys: int) -> torch.Generator:
-    # SeedSequence mixes (seed, split, chunk) into independent streams
-    state = np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def _uniform(shape, lo: float, hi: float, g: torch.Generator) -> Tensor:
-    return lo + (hi - lo) * torch.rand(shape, generator=g)
-
-
-def _grid(size: int) -> tuple[Tensor, Tensor]:
-    """Pixel-centre coordinates in pixels: yy, xx [H,W]."""
-    r = torch.arange(size, dtype=torch.float32) + 0.5
-    return torch.meshgrid(r, r, indexing="ij")
-
-
 # ---------------------------------------------------------------------------------------------- texture
-def _minmax(t: Tensor) -> Tensor:
-    lo = t.amin(dim=(1, 2, 3), keepdim=True)
-    hi = t.amax(dim=(1, 2, 3), keepdim=True)
-    return (t - lo) / (hi - lo + 1e-6)
-
-
 def _stripes(q: int, size: int, g: torch.Generator) -> Tensor:
-    yy, xx = (c / size for c in _grid(size))
-    freq, theta, phase = _uniform(q, 2.5, 7.0, g), _uniform(q, 0, math.pi, g), _uniform(q, 0, 2 * math.pi, g)
+    yy, xx = (c / size for c in pixel_grid(size))
+    freq, theta, phase = uniform(q, 2.5, 7.0, g), uniform(q, 0, math.pi, g), uniform(q, 0, 2 * math.pi, g)
     proj = xx * theta.cos()[:, None, None] + yy * theta.sin()[:, None, None]  # [q,H,W]
     return (0.5 + 0.5 * torch.sin(2 * math.pi * freq[:, None, None] * proj + phase[:, None, None]))[:, None]
 
 
-def _blobs(q: int, size: int, g: torch.Generator) -> Tensor:
-    # two octaves of smooth noise with a random mix: coarse blobs to fine mottling
-    coarse = F.interpolate(torch.rand(q, 1, 4, 4, generator=g), size=size, mode="bicubic", align_corners=False)
-    fine = F.interpolate(torch.rand(q, 1, 8, 8, generator=g), size=size, mode="bicubic", align_corners=False)
-    w = torch.rand(q, 1, 1, 1, generator=g)
-    return _minmax(w * coarse + (1 - w) * fine)
-
-
 def _mottle(q: int, size: int, g: torch.Generator) -> Tensor:
     noise = torch.rand(q, 1, max(4, size // 3), max(4, size // 3), generator=g)
-    return _minmax(F.interpolate(noise, size=size, mode="bilinear", align_corners=False))
+    return minmax(F.interpolate(noise, size=size, mode="bilinear", align_corners=False))
 
 
 def _checks(q: int, size: int, g: torch.Generator) -> Tensor:
-    yy, xx = (c / size for c in _grid(size))
-    theta = _uniform(q, 0, math.pi / 2, g)[:, None, None]
-    fa, fb = _uniform(q, 1.5, 4.0, g)[:, None, None], _uniform(q, 1.5, 4.0, g)[:, None, None]
+    yy, xx = (c / size for c in pixel_grid(size))
+    theta = uniform(q, 0, math.pi / 2, g)[:, None, None]
+    fa, fb = uniform(q, 1.5, 4.0, g)[:, None, None], uniform(q, 1.5, 4.0, g)[:, None, None]
     u = xx * theta.cos() + yy * theta.sin()
     v = -xx * theta.sin() + yy * theta.cos()
     wave = torch.sin(2 * math.pi * fa * u) * torch.sin(2 * math.pi * fb * v)
     return (0.5 + 0.5 * torch.tanh(4 * wave))[:, None]  # soft-edged checkerboard
 
 
-_TEXTURES = (_stripes, _blobs, _mottle, _checks)
+_TEXTURES = (_stripes, blobs, _mottle, _checks)
 
 
 def _background(m: int, size: int, g: torch.Generator) -> Tensor:
@@ -117,8 +74,8 @@ def _background(m: int, size: int, g: torch.Generator) -> Tensor:
         idx = (kind == k).nonzero().flatten()
         if idx.numel():
             t[idx] = fn(idx.numel(), size, g)
-    dark = _uniform((m, 3, 1, 1), *_BG, g)
-    light = dark + _uniform((m, 3, 1, 1), *_BG_CONTRAST, g)
+    dark = uniform((m, 3, 1, 1), *_BG, g)
+    light = dark + uniform((m, 3, 1, 1), *_BG_CONTRAST, g)
     swap = torch.rand(m, 1, 1, 1, generator=g) < 0.5
     c0, c1 = torch.where(swap, light, dark), torch.where(swap, dark, light)
     return c0 + (c1 - c0) * t
@@ -142,51 +99,33 @@ def _frame(size: int, margin: Tensor, avoid: tuple[Tensor, Tensor], g: torch.Gen
     """A placed centre, a random rotation, and the rotated coordinates u, v [q,H,W] around the centre."""
     q = margin.shape[0]
     cy, cx = _place(size, margin, avoid, g)
-    theta = _uniform(q, 0, 2 * math.pi, g)
-    yy, xx = _grid(size)
+    theta = uniform(q, 0, 2 * math.pi, g)
+    yy, xx = pixel_grid(size)
     dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
     c, s = theta.cos()[:, None, None], theta.sin()[:, None, None]
     return dx * c + dy * s, -dx * s + dy * c
 
 
-def _coverage(sd: Tensor) -> Tensor:
-    """Alpha from a signed distance in pixels (negative inside), anti-aliased over one pixel."""
-    return (0.5 - sd).clamp(0, 1)
-
-
-def _shape_sd(kind: int, u: Tensor, v: Tensor, r: Tensor, w: Tensor) -> Tensor:
-    """Signed distance in px (negative inside) of a square, disc, bar or triangle of half-size r."""
-    if kind == 0:
-        return torch.maximum(u.abs(), v.abs()) - r
-    if kind == 1:
-        return torch.sqrt(u**2 + v**2) - r
-    if kind == 2:  # a stroke-thick bar, like a digit's "1"
-        return torch.maximum(u.abs() - 1.6 * r, v.abs() - w / 2)
-    # equilateral triangle: inside all three half-planes at the inradius r/2 of circumradius r
-    angles = (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 + 4 * math.pi / 3)
-    return torch.stack([u * math.cos(a) + v * math.sin(a) for a in angles]).amax(0) - r / 2
-
-
 def _shape(q: int, size: int, avoid: tuple[Tensor, Tensor], g: torch.Generator) -> Tensor:
     """[q,H,W] alphas of squares, discs/rings, bars and triangles, filled or outlined, stroke ~ a digit's."""
     kind = torch.randint(4, (q,), generator=g)
-    extent = _uniform(q, *_SHAPE_SIZE, g) * size  # half-size in px
-    stroke = _uniform(q, 1.5, 3.0, g) * size / 32
+    extent = uniform(q, *_SHAPE_SIZE, g) * size  # half-size in px
+    stroke = uniform(q, 1.5, 3.0, g) * size / 32
     outline = (torch.rand(q, generator=g) < 0.5) & (kind != 2)
     u, v = _frame(size, extent * 1.2, avoid, g)
     r, w = extent[:, None, None], stroke[:, None, None]
     sd = torch.empty(q, size, size)
     for k in range(4):
         i = (kind == k).nonzero().flatten()
-        sd[i] = _shape_sd(k, u[i], v[i], r[i], w[i])
+        sd[i] = shape_sd(k, u[i], v[i], r[i], w[i])
     sd = torch.where(outline[:, None, None], sd.abs() - w / 2, sd)  # outlines: a ring around the edge
-    return _coverage(sd)
+    return coverage(sd)
 
 
 def _sample_digit(digits: Tensor, size: int, cy: Tensor, cx: Tensor, theta: Tensor, px_per_src: Tensor,
                   src_cy: Tensor, src_cx: Tensor) -> Tensor:
     """[q,H,W]: ``digits`` [q,1,28,28] drawn so that source point (src_cy, src_cx) lands at (cy, cx)."""
-    yy, xx = _grid(size)
+    yy, xx = pixel_grid(size)
     dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
     c, s = theta.cos()[:, None, None], theta.sin()[:, None, None]
     k = px_per_src[:, None, None]
@@ -199,8 +138,8 @@ def _sample_digit(digits: Tensor, size: int, cy: Tensor, cx: Tensor, theta: Tens
 def _target(digits: Tensor, size: int, g: torch.Generator) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """[q,H,W] alpha of whole digits at 0.4-0.6 of the image, rotated by up to 15 degrees; their centres."""
     q = digits.shape[0]
-    k = _uniform(q, *_DIGIT_SCALE, g) * size / 20  # output px per source px: MNIST ink spans ~20 of 28
-    theta = _uniform(q, -math.radians(15), math.radians(15), g)
+    k = uniform(q, *_DIGIT_SCALE, g) * size / 20  # output px per source px: MNIST ink spans ~20 of 28
+    theta = uniform(q, -math.radians(15), math.radians(15), g)
     # where the rotated, scaled ink lands relative to the centre, so the whole digit stays in the image
     r = torch.arange(28.0) + 0.5 - 14
     oy, ox = (t.flatten() for t in torch.meshgrid(r, r, indexing="ij"))  # [784] source offsets
@@ -226,13 +165,13 @@ def _fragment(digits: Tensor, size: int, avoid: tuple[Tensor, Tensor], g: torch.
     ink = digits[:, 0].flatten(1) > 0.5  # [q,784]
     pick = (ink * torch.rand(ink.shape, generator=g)).argmax(dim=1)  # a uniformly random ink pixel
     src_cy, src_cx = (pick // 28).float() + 0.5, (pick % 28).float() + 0.5
-    half_win = _uniform(q, *_FRAGMENT_HALF_WIN, g)  # source px
-    px_per_src = _uniform(q, *_FRAGMENT_SCALE, g) * size / 20
-    theta = _uniform(q, -math.pi, math.pi, g)
+    half_win = uniform(q, *_FRAGMENT_HALF_WIN, g)  # source px
+    px_per_src = uniform(q, *_FRAGMENT_SCALE, g) * size / 20
+    theta = uniform(q, -math.pi, math.pi, g)
     cy, cx = _place(size, half_win * px_per_src, avoid, g)
     alpha = _sample_digit(digits, size, cy, cx, theta, px_per_src, src_cy, src_cx)
     # keep only the window: rotated coordinates within half_win source px of the crop centre
-    yy, xx = _grid(size)
+    yy, xx = pixel_grid(size)
     dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
     c, s = theta.cos()[:, None, None], theta.sin()[:, None, None]
     reach = (half_win * px_per_src)[:, None, None]
@@ -264,8 +203,8 @@ def _render_chunk(digits: Tensor, pool: Tensor, size: int, in_chans: int, g: tor
         if shp.numel():
             alpha[shp] = _shape(shp.numel(), size, (ty[shp], tx[shp]), g)
         alpha = alpha * (slot < n_distract)[:, None, None]
-        img = _composite(img, alpha, _uniform((m, 3), *_OBJECT, g))
-    img = _composite(img, target, _uniform((m, 3), *_OBJECT, g))  # drawn last: the digit is never hidden
+        img = _composite(img, alpha, uniform((m, 3), *_OBJECT, g))
+    img = _composite(img, target, uniform((m, 3), *_OBJECT, g))  # drawn last: the digit is never hidden
     if in_chans == 1:
         img = img.mean(dim=1, keepdim=True)
     img = (img + _GRAIN * torch.randn(img.shape, generator=g)).clamp(0, 1)
@@ -278,18 +217,18 @@ def _scenes(split: str, seed: int, size: int, in_chans: int, n: int, keep: int |
     src = mnist5k(split)  # train scenes use train digits only: no digit instance leaks across splits
     split_id = SPLITS.index(split)
     # which digit each scene shows: a concatenation of seeded permutations of the pool (near-balanced)
-    g = _generator(seed, split_id, 10**6)
+    g = seeded_generator(seed, split_id, 10**6)
     n_full = math.ceil(n / _CHUNK) * _CHUNK  # whole chunks, truncated at the end: prefixes agree across n
     which = torch.cat([torch.randperm(len(src), generator=g) for _ in range(math.ceil(n_full / len(src)))])
     labels = src.labels[which[:n]]
     # keep: the stratified prefix ``load`` would cut (labels are known before any pixel): render only its chunks
-    rows = torch.arange(n) if keep is None or keep >= n else torch.sort(stratified_order(labels)[:keep]).values
+    rows = stratified_rows(labels, keep)
     chunks = torch.unique(rows // _CHUNK).tolist()
     images, masks = [], []
-    with _one_thread():
+    with one_thread():
         for chunk in chunks:
             idx = which[chunk * _CHUNK:(chunk + 1) * _CHUNK]
-            g = _generator(seed, split_id, chunk)  # each chunk its own generator: any subset renders identically
+            g = seeded_generator(seed, split_id, chunk)  # each chunk its own generator: any subset renders identically
             img, mask = _render_chunk(src.images[idx], src.images, size, in_chans, g)
             images.append(img)
             masks.append(mask)

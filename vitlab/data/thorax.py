@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..metrics import mean_auc
 from .dataset import SPLITS, check_split, row_indices
-from .scenes import _generator, _one_thread, _uniform
+from .procedural import one_thread, seeded_generator, uniform
 
 __all__ = ["thorax_xrays", "MultiLabelDataset", "FINDINGS", "PREVALENCE", "THORAX_SIZES", "CTR_THRESHOLD",
            "mean_auc"]
@@ -103,7 +103,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------------------------ drawing
 def _draw(m: int, size: int, g: torch.Generator) -> dict[str, Tensor]:
     """Every random number of m patients and their findings, drawn in a fixed order (labels included)."""
-    U = functools.partial(_uniform, g=g)
+    U = functools.partial(uniform, g=g)
     p = {}
     p["labels"] = torch.rand(m, len(FINDINGS), generator=g) < torch.tensor([PREVALENCE[f] for f in FINDINGS])
     # pose and anatomy, in normalised coordinates (x right, y down, the image spans [-1, 1])
@@ -295,9 +295,9 @@ def _render(p: dict[str, Tensor], size: int) -> tuple[Tensor, Tensor]:
 def _thorax(split: str, seed: int, size: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
     split_id = SPLITS.index(split)
     images, labels, masks = [], [], []
-    with _one_thread():
+    with one_thread():
         for chunk in range(math.ceil(n / _CHUNK)):
-            g = _generator(seed, split_id, chunk, 7)  # each chunk its own stream: image i does not depend on n
+            g = seeded_generator(seed, split_id, chunk, 7)  # each chunk its own stream: image i does not depend on n
             p = _draw(_CHUNK, size, g)
             keep = min(_CHUNK, n - chunk * _CHUNK)
             p = {k: t[:keep] for k, t in p.items()}

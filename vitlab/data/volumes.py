@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dataset import SPLITS, ImageDataset, check_split, row_indices, stratified_order
-from .scenes import _generator, _one_thread, _uniform
+from .dataset import SPLITS, ImageDataset, check_split, row_indices, stratified_rows
+from .procedural import one_thread, seeded_generator, uniform
 
 __all__ = ["shape_volumes", "volume_slices", "VolumeDataset", "VOLUME_CLASSES", "VOLUME_SIZES"]
 
@@ -110,7 +110,7 @@ def _rotations(m: int, g: torch.Generator) -> Tensor:
 def _draw(labels: Tensor, size: int, g: torch.Generator) -> dict[str, Tensor]:
     """Every random number of a chunk, in a fixed order whatever the classes (shape parameters for all six)."""
     m = labels.shape[0]
-    U = functools.partial(_uniform, g=g)
+    U = functools.partial(uniform, g=g)
     return {
         "labels": labels,
         "rot": _rotations(m, g), "centre": U((m, 3), -0.12, 0.12),
@@ -182,12 +182,12 @@ def _volumes(split: str, seed: int, size: int, n: int, keep: int | None) -> tupl
     n_chunks = math.ceil(n / _CHUNK)
     # the classes first (they fix which rows a stratified cap keeps), then only the chunks those rows need
     per_chunk = torch.arange(_CHUNK) % len(VOLUME_CLASSES)
-    gens = [_generator(seed, split_id, chunk, 3) for chunk in range(n_chunks)]
+    gens = [seeded_generator(seed, split_id, chunk, 3) for chunk in range(n_chunks)]
     labels = torch.cat([per_chunk[torch.randperm(_CHUNK, generator=g)] for g in gens])[:n]
-    rows = torch.arange(n) if keep is None or keep >= n else torch.sort(stratified_order(labels)[:keep]).values
+    rows = stratified_rows(labels, keep)
     chunks = torch.unique(rows // _CHUNK).tolist()
     images, masks = [], []
-    with _one_thread():
+    with one_thread():
         for chunk in chunks:
             lab = labels[chunk * _CHUNK:(chunk + 1) * _CHUNK]
             full = torch.cat([lab, lab.new_zeros(_CHUNK - len(lab))])  # draw a whole chunk: prefixes agree across n

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from vitlab.checks import check_int
 from vitlab.data.dataset import SPLITS, check_split
-from vitlab.data.scenes import _blobs, _coverage, _generator, _grid, _one_thread, _shape_sd
+from vitlab.data.procedural import blobs, coverage, one_thread, pixel_grid, seeded_generator, shape_sd
 
 __all__ = ["caption_scenes", "moving_shapes_videos", "CaptionScenes", "MovingShapes", "SceneObject", "MovingObject",
            "QA", "VOCAB", "COLOURS", "SHAPES", "SIZES", "POSITIONS", "MOTIONS", "QUESTION_KINDS", "PROBE_KINDS",
@@ -191,19 +191,19 @@ def _rng(*keys: int) -> random.Random:
 def _signed_distance(shape: str, u: Tensor, v: Tensor, r: Tensor) -> Tensor:
     """Signed distance in px (negative inside) of an upright shape of half-size r centred at u = v = 0."""
     if shape == "square":
-        return _shape_sd(0, u, v, r, None)
+        return shape_sd(0, u, v, r, None)
     if shape == "circle":
-        return _shape_sd(1, u, v, r, None)
+        return shape_sd(1, u, v, r, None)
     if shape == "triangle":  # circumradius 1.25 r, its box centred: apex up
         big = 1.25 * r
-        return _shape_sd(3, u, v - big / 4, big, None)
+        return shape_sd(3, u, v - big / 4, big, None)
     arm = r / 3  # cross: two bars of half-thickness r/3
     return torch.minimum(torch.maximum(u.abs() - r, v.abs() - arm), torch.maximum(v.abs() - r, u.abs() - arm))
 
 
 def _alpha(kind: Tensor, cy: Tensor, cx: Tensor, r: Tensor, size: int) -> Tensor:
     """[M,H,W] coverage of shape ``SHAPES[kind]`` centred at (cy, cx) px with half-size r px, all [M]."""
-    yy, xx = _grid(size)
+    yy, xx = pixel_grid(size)
     u, v = xx - cx[:, None, None], yy - cy[:, None, None]
     rr = r[:, None, None].expand_as(u)
     sd = torch.empty(len(kind), size, size)
@@ -211,13 +211,13 @@ def _alpha(kind: Tensor, cy: Tensor, cx: Tensor, r: Tensor, size: int) -> Tensor
         i = (kind == k).nonzero().flatten()
         if i.numel():
             sd[i] = _signed_distance(shape, u[i], v[i], rr[i])
-    return _coverage(sd)
+    return coverage(sd)
 
 
 def _background(m: int, size: int, g: torch.Generator) -> Tensor:
     """[m,3,H,W]: dark grey (0-0.3, a slight tint), half of them with a faint texture (amplitude 0.1)."""
     level = 0.3 * torch.rand(m, 1, 1, 1, generator=g) + 0.03 * (torch.rand(m, 3, 1, 1, generator=g) - 0.5)
-    texture = (_blobs(m, size, g) - 0.5) * 0.1 * (torch.rand(m, 1, 1, 1, generator=g) < 0.5)
+    texture = (blobs(m, size, g) - 0.5) * 0.1 * (torch.rand(m, 1, 1, 1, generator=g) < 0.5)
     return (level + texture).expand(m, 3, size, size).clamp(0, 1)
 
 
@@ -309,7 +309,7 @@ def _questions(objs, rng: random.Random) -> tuple[tuple[QA, ...], tuple[QA, QA]]
 
 def _scene_chunk(seed: int, split_id: int, chunk: int, size: int):
     keys = (seed, split_id, chunk, _SALT_SCENES)
-    rng, g = _rng(*keys), _generator(*keys)
+    rng, g = _rng(*keys), seeded_generator(*keys)
     layouts = [_layout(rng) for _ in range(_CHUNK)]
     texts = [_questions(objs, rng) for objs in layouts]
     img = _background(_CHUNK, size, g)
@@ -326,7 +326,7 @@ def _scene_chunk(seed: int, split_id: int, chunk: int, size: int):
 @functools.lru_cache(maxsize=8)
 def _caption_scenes(split: str, seed: int, size: int, n: int):
     parts = []
-    with _one_thread():
+    with one_thread():
         for chunk in range(math.ceil(n / _CHUNK)):
             parts.append(_scene_chunk(seed, SPLITS.index(split), chunk, size))
     images, masks = (torch.cat([p[k] for p in parts])[:n].contiguous() for k in (0, 1))
@@ -397,7 +397,7 @@ def _boxes(alpha: Tensor) -> Tensor:
 
 def _video_chunk(seed: int, split_id: int, chunk: int, frames: int, size: int):
     keys = (seed, split_id, chunk, frames, _SALT_VIDEOS)
-    rng, g = _rng(*keys), _generator(*keys)
+    rng, g = _rng(*keys), seeded_generator(*keys)
     layouts = [_video_layout(rng, frames, size) for _ in range(_CHUNK)]
     img = _background(_CHUNK, size, g).repeat_interleave(frames, dim=0)  # a static background per video
     masks = torch.zeros(_CHUNK * frames, size, size, dtype=torch.uint8)
@@ -415,7 +415,7 @@ def _video_chunk(seed: int, split_id: int, chunk: int, frames: int, size: int):
 
 @functools.lru_cache(maxsize=4)
 def _moving_shapes(split: str, seed: int, frames: int, size: int, n: int):
-    with _one_thread():
+    with one_thread():
         parts = [_video_chunk(seed, SPLITS.index(split), c, frames, size) for c in range(math.ceil(n / _CHUNK))]
     images, masks, boxes = (torch.cat([p[k] for p in parts])[:n].contiguous() for k in (0, 1, 2))
     objects, captions = (tuple(x for p in parts for x in p[k])[:n] for k in (3, 4))
