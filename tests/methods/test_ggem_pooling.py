@@ -17,7 +17,8 @@ def test_one_group_is_gem():
 
 
 def test_p_one_is_the_mean_and_large_p_the_max_on_positive_tokens():
-    x = torch.rand(2, 5, 4) + 0.1
+    # seeded, and in [0.7, 1.3]: x^200 neither underflows (0.45^200 is below float32's range) nor overflows
+    x = 0.7 + 0.6 * torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(G.GGeM(4, 2, p_init=1.0)(x), x.mean(dim=1))
     torch.testing.assert_close(G.GGeM(4, 2, p_init=200.0)(x), x.amax(dim=1), rtol=0.02, atol=0)
 
