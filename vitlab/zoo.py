@@ -219,11 +219,12 @@ def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
         metrics = {**objective.metrics(model, train, val, test), "train_seconds": history["seconds"][-1]}
     else:
         history = fit(model, train, val, profile=P, progress=progress, desc=f"zoo {name}", **fit_kwargs)
+        scored = evaluate(model, test)
         metrics = {"train_acc": evaluate(model, train)["acc"], "val_acc": history["val_acc"][-1],
-                   "test_acc": evaluate(model, test)["acc"], "train_seconds": history["seconds"][-1],
+                   "test_acc": scored["acc"], "train_seconds": history["seconds"][-1],
                    "plateau_gain": plateau_gain(history["val_acc"])}
         if "val_auc" in history:  # multi-label: mean ROC AUC is the score, and what must plateau
-            metrics.update(val_auc=history["val_auc"][-1], test_auc=evaluate(model, test)["auc"],
+            metrics.update(val_auc=history["val_auc"][-1], test_auc=scored["auc"],
                            plateau_gain=plateau_gain(history["val_auc"]))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"format": FORMAT, "name": name, "config": cfg, "model_config": model_config(recipe.model, data=train),
