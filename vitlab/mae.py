@@ -57,8 +57,8 @@ from vitlab.checks import check_choice, check_images, check_int, check_number
 from vitlab.models.vit import Block, LayerNorm, PatchEmbed, VisionTransformer, init_linear_
 
 __all__ = ["patchify", "unpatchify", "patchify3d", "unpatchify3d", "sincos_1d", "sincos_pos_embed_2d",
-           "sincos_pos_embed_3d", "random_masking", "MaskedAutoencoder", "mae_model", "reconstruction_loss",
-           "mae_objective"]
+           "sincos_pos_embed_3d", "random_masking", "masked_mse", "MaskedAutoencoder", "mae_model",
+           "reconstruction_loss", "mae_objective"]
 
 
 # ------------------------------------------------------------------------------------------------ patches
@@ -185,6 +185,13 @@ def sincos_pos_embed_3d(d: int, h: int, w: int, dim: int, cls_token: bool = Fals
 
 
 # ------------------------------------------------------------------------------------------------ masking
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MAE's loss: the MSE of each patch [B, N] (``pred``, ``target`` [B, N, K]), averaged over the removed patches
+    (``mask`` == 1) only, divided by max(Σ mask, 1) (the official code divides by Σ mask: 0/0 at mask ratio 0)."""
+    loss = ((pred - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
 def _check_mask_ratio(mask_ratio, fn: str) -> float:
     return check_number(mask_ratio, "mask_ratio", fn, low=0, high=1, high_open=True)
 
@@ -351,8 +358,7 @@ class MaskedAutoencoder(nn.Module):
 
     def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error per patch, averaged over the removed patches (mask == 1) only."""
-        loss = ((pred - self.target(images)) ** 2).mean(dim=-1)  # [B, N]
-        return (loss * mask).sum() / mask.sum().clamp(min=1)
+        return masked_mse(pred, self.target(images), mask)
 
     def forward(self, images: torch.Tensor, mask_ratio: float = 0.75, *, generator: torch.Generator | None = None,
                 noise: torch.Tensor | None = None):
