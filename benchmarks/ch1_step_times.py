@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vitlab.methods.architectures import recipes
 from vitlab.models import create_model
@@ -37,14 +36,7 @@ def main():
     steps = {}
     for method in METHODS:
         seed_everything(0)
-        model = create_model(recipes.model_name(method)).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=recipes.TRAIN["lr"], weight_decay=recipes.TRAIN["weight_decay"])
-
-        def step(model=model, opt=opt):
-            loss = F.cross_entropy(model(x), y, label_smoothing=recipes.TRAIN["label_smoothing"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        step = recipes.make_train_step(create_model(recipes.model_name(method)), x, y)
         step(), step()  # warm-up: allocator and AdamW state
         steps[method] = step
     times = {m: [] for m in METHODS}

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Spread", "spread", "paired_gap", "kendall_tau"]
+__all__ = ["Spread", "spread", "paired_gap", "kendall_tau", "plateau_text"]
 
 
 def _floats(values, name: str, fn: str) -> list[float]:
@@ -89,3 +89,16 @@ def kendall_tau(a, b) -> float:
     s = sum((a[i] > a[j]) - (a[i] < a[j]) if b[i] > b[j] else (a[j] > a[i]) - (a[j] < a[i]) if b[i] < b[j] else 0
             for i in range(n) for j in range(i + 1, n))
     return 2 * s / (n * (n - 1))
+
+
+def plateau_text(runs: dict, threshold: float = 0.015, fmt: str = "{:+.1%}") -> str:
+    """One sentence on whether every run plateaued: the validation gain over the last quarter of training per seed
+    (the zoo's ``plateau_gain``: accuracy, or mean AUC for multi-label models), against ``threshold``. ``runs``
+    maps a label to {seed: (model, info)}; ``fmt`` formats a gain and the threshold."""
+    gains = {label: [info["metrics"]["plateau_gain"] for _, info in by_seed.values()]
+             for label, by_seed in runs.items()}
+    worst = max(max(g) for g in gains.values())
+    return ("Validation gain over the last quarter of training, per seed: "
+            + "; ".join(f"{label} " + ", ".join(fmt.format(g) for g in gs) for label, gs in gains.items())
+            + (f" (all within {fmt.format(threshold).lstrip('+')}: plateaued)." if worst <= threshold else
+               f" (some still rose more than {fmt.format(threshold).lstrip('+')}: not fully plateaued)."))

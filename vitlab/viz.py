@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
-__all__ = ["use_style", "image_grid", "attention_maps", "training_curves", "pareto_frontier", "pareto", "bar"]
+__all__ = ["use_style", "image_grid", "attention_maps", "training_curves", "pareto_frontier", "pareto", "bar", "plot_training"]
 
 STYLE = {
     "figure.dpi": 100,
@@ -420,3 +420,21 @@ def bar(values: dict, *, ylabel: str, title: str | None = None, fmt: str = "{:.3
         for t in ax.get_xticklabels():
             t.set(rotation=30, ha="right", rotation_mode="anchor")
     return fig
+
+
+def plot_training(runs: dict, key: str = "val_acc", ax=None, ylim=(0.8, 1.0)):
+    """Every seed's stored training curve (a zoo record's ``history``), one colour per model: ``runs`` maps a label
+    to {seed: (model, info)} as ``zoo.get(..., return_info=True)`` returns them. Returns the axes."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.2))
+    for i, (label, by_seed) in enumerate(runs.items()):
+        for j, (_, info) in enumerate(by_seed.values()):
+            h = info["history"]
+            ax.plot(h["epoch"], h[key], color=f"C{i}", alpha=0.7, label=label if j == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key.replace("_", " "))
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.legend()
+    ax.set_title(f"{key.replace('_', ' ')} while training ({len(next(iter(runs.values())))} seeds each)")
+    return ax

@@ -35,11 +35,13 @@ from vitlab.models import VisionTransformer
 from vitlab.models.registry import MODELS, register_model
 from vitlab.profiles import Profile
 from vitlab.profiles import profile as get_profile
+from vitlab.stats import plateau_text  # noqa: F401 (re-exported: the chapter's lessons call recipes.plateau_text)
+from vitlab.viz import plot_training  # noqa: F401
 
 __all__ = ["DATASETS", "SEEDS", "TRAIN", "STEPS", "register", "registered", "data", "train_kwargs", "seeds",
            "trained", "model_name", "entry_name", "check_matched", "measure_row", "BASELINE", "plot_training",
-           "plateau_text", "MODULES", "import_all", "train_step_ms", "STEP_MS_CPU", "equal_time_steps",
-           "trained_equal_time"]
+           "plateau_text", "MODULES", "import_all", "make_train_step", "train_step_ms", "STEP_MS_CPU",
+           "equal_time_steps", "trained_equal_time"]
 
 # Every chapter-1 module: importing one registers its architectures (``register``); ``import_all`` imports them all
 # (for the comparison and for lessons that look across the chapter).
@@ -94,11 +96,17 @@ def model_name(method: str) -> str:
     return f"ch1_{method}"
 
 
-def entry_name(method: str, seed: int, profile: Profile | str | None = None) -> str:
-    """The zoo entry of ``method`` trained with ``seed``: ``ch1_<method>_<dataset>_s<seed>`` (cifar100 on GPU)."""
+def entry_name(method: str, seed: int, profile: Profile | str | None = None, *, equal_time: bool = False) -> str:
+    """The zoo entry of ``method`` trained with ``seed``: ``ch1_<method>_<dataset>_s<seed>`` (cifar100 on GPU), or
+    with ``equal_time`` its equal-wall-clock twin ``ch1_<method>_<dataset>_eqtime_s<seed>`` (cpu only)."""
     P = get_profile(profile)
     dataset = "cifar100" if P.name == "gpu" else registered(method)
-    return f"{model_name(method)}_{dataset}_s{seed}"
+    return f"{model_name(method)}_{dataset}{'_eqtime' if equal_time else ''}_s{seed}"
+
+
+def _check_seed(seed, fn: str) -> None:
+    if isinstance(seed, bool) or seed not in SEEDS:
+        raise ValueError(f"{fn}: seed must be one of {SEEDS}, got {seed!r}")
 
 
 def register(method: str, builder: Callable[..., nn.Module], *, dataset: str = "digits", **config: Any) -> None:
@@ -124,7 +132,7 @@ def register(method: str, builder: Callable[..., nn.Module], *, dataset: str = "
             model=name, data=source, data_kwargs=dict(kwargs), fit=dict(TRAIN), seed=seed, data_seed=DATA_SEED,
             per_profile={"cpu": dict(steps=STEPS["cpu"], max_train=n_train)}, shares={"smoke": "cpu"}))
         if method in STEP_MS_CPU and equal_time_steps(method) != STEPS["cpu"]:
-            zoo.register(f"{name}_{dataset}_eqtime_s{seed}", zoo.Recipe(
+            zoo.register(f"{name}_{dataset}_eqtime_s{seed}", zoo.Recipe(  # = entry_name(..., equal_time=True)
                 model=name, data=source, data_kwargs=dict(kwargs), fit=dict(TRAIN), seed=seed, data_seed=DATA_SEED,
                 per_profile={"cpu": dict(steps=equal_time_steps(method), max_train=n_train)},
                 shares={"smoke": "cpu"}))
@@ -189,8 +197,7 @@ def trained(method: str, seed: int, profile: Profile | str | None = None, *, ret
     """(model in eval mode, its record) of ``method`` trained from scratch with ``seed``: trained once by the
     chapter's recipe and cached by the zoo. The record holds the training curve (``history``), the metrics
     (train / val / test accuracy, ``plateau_gain``, ``train_seconds``) and the exact config."""
-    if seed not in SEEDS:
-        raise ValueError(f"trained: seed must be one of {SEEDS}, got {seed!r}")
+    _check_seed(seed, "trained")
     return zoo.get(entry_name(method, seed, profile), profile, retrain=retrain, progress=progress,
                    return_info=True)
 
@@ -204,12 +211,10 @@ def trained_equal_time(method: str, seed: int, profile: Profile | str | None = N
     if P.name == "gpu":
         raise ValueError("trained_equal_time: the step budgets are measured on CPU (STEP_MS_CPU); on a GPU, time "
                          "the steps there (benchmarks/ch1_step_times.py) and train with fit(..., steps=...)")
-    if seed not in SEEDS:
-        raise ValueError(f"trained_equal_time: seed must be one of {SEEDS}, got {seed!r}")
+    _check_seed(seed, "trained_equal_time")
     if equal_time_steps(method) == STEPS["cpu"]:
         return trained(method, seed, P, retrain=retrain, progress=progress)
-    name = f"{model_name(method)}_{registered(method)}_eqtime_s{seed}"
-    return zoo.get(name, P, retrain=retrain, progress=progress, return_info=True)
+    return zoo.get(entry_name(method, seed, P, equal_time=True), P, retrain=retrain, progress=progress, return_info=True)
 
 
 def check_matched(model: nn.Module, control: nn.Module, *, tolerance: float = 0.3) -> float:
@@ -236,59 +241,39 @@ def measure_row(name: str, model: nn.Module, test, *, latency_batch: int = 64, r
             "latency_ms": lat["median_ms"]}
 
 
+def make_train_step(model: nn.Module, images, labels):
+    """A closure running one training step of the chapter's recipe on ``model`` (in place): forward on ``images``,
+    label-smoothed cross-entropy against ``labels``, backward, AdamW at the recipe's lr and weight decay. What
+    ``train_step_ms`` and ``benchmarks/ch1_step_times.py`` time."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
+
+    def step() -> None:
+        loss = F.cross_entropy(model(images), labels, label_smoothing=TRAIN["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
 def train_step_ms(model: nn.Module, train, *, batch_size: int = 64, warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall time (ms) of one training step of the chapter's recipe (forward, label-smoothed loss, backward,
-    AdamW) on a batch of ``train``, measured on a copy: the trained weights are untouched. The cost axis of a
-    comparison at equal steps (a model's training time is its step time x the steps)."""
+    """Median wall time (ms) of one training step of the chapter's recipe (``make_train_step``) on a batch of
+    ``train``, measured on a copy: the trained weights are untouched. The cost axis of a comparison at equal steps
+    (a model's training time is its step time x the steps)."""
     import copy
     import time
 
     import torch
-    import torch.nn.functional as F
 
     check_model(model, "train_step_ms")
-    m = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW(m.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
-    x, y = train.images[:batch_size], train.labels[:batch_size]
+    step = make_train_step(copy.deepcopy(model), train.images[:batch_size], train.labels[:batch_size])
     times = []
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
-        loss = F.cross_entropy(m(x), y, label_smoothing=TRAIN["label_smoothing"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step()
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     return float(torch.tensor(times).median())
-
-
-def plot_training(runs: dict, key: str = "val_acc", ax=None, ylim=(0.8, 1.0)):
-    """Every seed's stored training curve, one colour per architecture: ``runs`` maps a label to
-    {seed: (model, info)} as ``trained`` returns them. Returns the axes."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 3.2))
-    for i, (label, by_seed) in enumerate(runs.items()):
-        for j, (_, info) in enumerate(by_seed.values()):
-            h = info["history"]
-            ax.plot(h["epoch"], h[key], color=f"C{i}", alpha=0.7, label=label if j == 0 else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(key.replace("_", " "))
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.legend()
-    ax.set_title(f"{key.replace('_', ' ')} while training ({len(next(iter(runs.values())))} seeds each)")
-    return ax
-
-
-def plateau_text(runs: dict, threshold: float = 0.015) -> str:
-    """One sentence on whether every run plateaued: the val-accuracy gain over the last quarter of training per
-    seed (``plateau_gain``), against ``threshold``."""
-    gains = {label: [info["metrics"]["plateau_gain"] for _, info in by_seed.values()]
-             for label, by_seed in runs.items()}
-    worst = max(max(g) for g in gains.values())
-    return ("Validation gain over the last quarter of training, per seed: "
-            + "; ".join(f"{label} " + ", ".join(f"{g:+.1%}" for g in gs) for label, gs in gains.items())
-            + (f" (all within {threshold:.1%}: plateaued)." if worst <= threshold else
-               f" (some still rose more than {threshold:.1%}: not fully plateaued)."))
