@@ -175,3 +175,32 @@ def test_bad_input():
         c.sample(1, top_k=17)
     with pytest.raises(TypeError, match="seq_len"):
         CodeGPT(16, "10")
+
+
+# ----------------------------------------------------------------------------------------- the lesson's recipe
+def test_the_two_tokenizers_differ_only_in_the_lookup():
+    from vitlab import zoo
+    from vitlab.methods.selfsup import vit_vqgan as V
+    from vitlab.models.registry import MODELS
+
+    a, b = dict(MODELS["vqgan_vitvq_digits"]), dict(MODELS["vqgan_vq_digits"])
+    assert (a.pop("factorized"), a.pop("l2_normalized"), b.pop("factorized"), b.pop("l2_normalized")) == \
+        (True, True, False, False)
+    assert a == b == V.TOKENIZER
+    for seed in V.SEEDS:
+        ca, cb = (zoo.ZOO[f"vqgan_{v}_digits_s{seed}"].config("cpu") for v in ("vitvq", "vq"))
+        assert ca.pop("model") != cb.pop("model") and ca == cb  # same data, steps, lr, batch, seed
+    prior = zoo.ZOO["code_prior_digits_s0"]
+    assert prior.objective_kwargs == {"tokenizer": "vqgan_vitvq_digits_s0"}
+
+
+def test_tokenizer_metrics_match_the_forward():
+    from vitlab.methods.selfsup.vit_vqgan import tokenizer_metrics
+
+    m, x = model(), images(6)
+    out = tokenizer_metrics(m, x, batch_size=4)  # two batches
+    with torch.no_grad():
+        recon, _, idx = m(x)
+    assert out["mse"] == pytest.approx(torch.nn.functional.mse_loss(recon, x).item(), rel=1e-5)
+    assert out["used"] == pytest.approx(idx.unique().numel() / SMALL["num_codes"])
+    assert 1 <= out["perplexity"] <= idx.unique().numel() + 1e-6

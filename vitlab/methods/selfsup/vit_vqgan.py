@@ -201,3 +201,118 @@ class CodeGPT(nn.Module):
                 tok = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
             out.append(tok)
         return torch.cat(out, dim=1)
+
+
+# ------------------------------------------------------------------------ the lesson's recipe (zoo entries)
+# notebooks/5_selfsup/vit_vqgan.ipynb and the chapter's compare read these. Stage 1 on the mnist5k training digits
+# (28 px, 7 x 7 = 49 codes per image), zoo entries vqgan_<variant>_digits_s<seed>: "vitvq" is the paper's lookup,
+# "vq" the plain one it improves on. Stage 2, code_prior_digits_s0, models the codes of vqgan_vitvq_digits_s0 (it
+# is not retrained when that tokenizer is: retrain both together).
+TOKENIZER = dict(img_size=28, patch_size=4, in_chans=1, dim=64, depth=2, heads=4, num_codes=512, code_dim=8)
+VARIANTS = {"vitvq": dict(factorized=True, l2_normalized=True), "vq": dict(factorized=False, l2_normalized=False)}
+STAGE1 = dict(batch_size=64, lr=1e-3, weight_decay=1e-4, warmup=0.05, grad_clip=1.0)
+STAGE1_STEPS = {"cpu": 2000, "gpu": 20000}
+PRIOR = dict(dim=64, depth=2, heads=4)
+STAGE2 = dict(batch_size=64, lr=1e-3, weight_decay=0.01, warmup=0.05, grad_clip=1.0)
+STAGE2_STEPS = {"cpu": 2000, "gpu": 20000}
+SEEDS = (0, 1, 2)
+DATA = "mnist5k"
+
+
+def vqgan_model(num_classes: int = 0, **kwargs) -> ViTVQGAN:
+    """The model registry's builder (a dataset sets ``num_classes`` for every model; a tokenizer ignores it)."""
+    return ViTVQGAN(**kwargs)
+
+
+def code_prior_model(num_classes: int = 0, img_size: int | None = None, in_chans: int | None = None,
+                     **kwargs) -> CodeGPT:
+    """The registry's builder of the stage-2 prior (the dataset's image shape and classes do not apply to it)."""
+    return CodeGPT(**kwargs)
+
+
+@torch.no_grad()
+def tokenizer_metrics(model: ViTVQGAN, data, batch_size: int = 500) -> dict:
+    """Reconstruction MSE over ``data``'s images and the codebook usage of their codes (``vitlab.vq``)."""
+    images = getattr(data, "images", data)
+    was_training = model.training
+    model.eval()
+    sq, idx = 0.0, []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        recon, _, codes = model(x)
+        sq += F.mse_loss(recon, x, reduction="sum").item()
+        idx.append(codes)
+    model.train(was_training)
+    usage = codebook_usage(torch.cat(idx), model.num_codes)
+    return {"mse": sq / images.numel(), "perplexity": usage["perplexity"], "used": usage["used"]}
+
+
+def vqgan_objective():
+    """Stage 1 as a ``vitlab.zoo`` objective (registered as ``"vqgan"``): L2 + VQ loss per step; the checkpoint
+    stores val/test reconstruction MSE and the test codes' perplexity and used fraction."""
+    from vitlab import zoo
+
+    def step_fn(net, images, labels):
+        return net.loss(images)[0], None
+
+    def metrics(model, train, val, test):
+        t = tokenizer_metrics(model, test)
+        return {"val_mse": tokenizer_metrics(model, val)["mse"], "test_mse": t["mse"],
+                "test_perplexity": t["perplexity"], "test_used": t["used"]}
+
+    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+
+
+def code_prior_objective(tokenizer: str):
+    """Stage 2 as a ``vitlab.zoo`` objective (registered as ``"code_prior"``): next-code cross-entropy on the
+    codes that the zoo's ``tokenizer`` entry (frozen) gives each training image; stores val/test nats per code."""
+    from vitlab import zoo
+
+    cache = {}
+
+    def codes(images):
+        if "tok" not in cache:  # loaded (or trained) once, on the profile fit runs under
+            cache["tok"] = zoo.get(tokenizer, progress=False).to(images.device).eval()
+        return cache["tok"].encode(images)
+
+    def step_fn(net, images, labels):
+        return net.loss(codes(images)), None
+
+    @torch.no_grad()
+    def nats(model, data):
+        model.eval()
+        out = [model.loss(codes(data.images[i:i + 500])).item() * len(data.images[i:i + 500])
+               for i in range(0, len(data), 500)]
+        return sum(out) / len(data)
+
+    def metrics(model, train, val, test):
+        return {"val_nats": nats(model, val), "test_nats": nats(model, test)}
+
+    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+
+
+def _register() -> None:
+    from vitlab import zoo
+    from vitlab.models.registry import MODELS, register_model
+
+    if "code_prior_digits" in MODELS:  # re-imported
+        return
+    zoo.register_objective("vqgan", vqgan_objective)
+    zoo.register_objective("code_prior", code_prior_objective)
+    num_patches = (TOKENIZER["img_size"] // TOKENIZER["patch_size"]) ** 2
+    register_model("code_prior_digits", code_prior_model, num_codes=TOKENIZER["num_codes"], seq_len=num_patches,
+                   **PRIOR)
+    for variant, flags in VARIANTS.items():
+        model = f"vqgan_{variant}_digits"
+        register_model(model, vqgan_model, **TOKENIZER, **flags)
+        for seed in SEEDS:
+            zoo.register(f"{model}_s{seed}", zoo.Recipe(
+                model=model, data=DATA, fit=dict(STAGE1), seed=seed, data_seed=0, objective="vqgan",
+                per_profile={p: dict(steps=s) for p, s in STAGE1_STEPS.items()}, shares={"smoke": "cpu"}))
+    zoo.register("code_prior_digits_s0", zoo.Recipe(
+        model="code_prior_digits", data=DATA, fit=dict(STAGE2), seed=0, objective="code_prior",
+        objective_kwargs=dict(tokenizer="vqgan_vitvq_digits_s0"),
+        per_profile={p: dict(steps=s) for p, s in STAGE2_STEPS.items()}, shares={"smoke": "cpu"}))
+
+
+_register()
