@@ -57,7 +57,7 @@ from vitlab.checks import check_choice, check_images, check_int, check_number
 from vitlab.models.vit import Block, LayerNorm, PatchEmbed, VisionTransformer, init_linear_
 
 __all__ = ["patchify", "unpatchify", "patchify3d", "unpatchify3d", "sincos_1d", "sincos_pos_embed_2d",
-           "sincos_pos_embed_3d", "random_masking", "masked_mse", "MaskedAutoencoder", "mae_model",
+           "sincos_pos_embed_3d", "random_masking", "masked_mse", "check_widths", "MaskedAutoencoder", "mae_model",
            "reconstruction_loss", "mae_objective"]
 
 
@@ -192,6 +192,16 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
+def check_widths(embed_dim: int, num_heads: int, decoder_dim: int, decoder_heads: int, fn: str) -> None:
+    """An MAE's encoder and decoder widths: each divisible by its heads and by 4 (2-D sin-cos positions)."""
+    for dim_name, dim, heads_name, heads in (("embed_dim", embed_dim, "num_heads", num_heads),
+                                             ("decoder_dim", decoder_dim, "decoder_heads", decoder_heads)):
+        if dim % heads:
+            raise ValueError(f"{fn}: {heads_name}={heads} does not divide {dim_name}={dim}")
+        if dim % 4:
+            raise ValueError(f"{fn}: {dim_name} must be a multiple of 4 (2-D sin-cos positions), got {dim}")
+
+
 def _check_mask_ratio(mask_ratio, fn: str) -> float:
     return check_number(mask_ratio, "mask_ratio", fn, low=0, high=1, high_open=True)
 
@@ -255,12 +265,7 @@ class MaskedAutoencoder(nn.Module):
         if img_size % patch_size:
             raise ValueError(f"{fn}: patch_size={patch_size} does not divide img_size={img_size}; "
                              f"choose a divisor of {img_size}")
-        for dim_name, dim, heads_name, heads in (("embed_dim", embed_dim, "num_heads", num_heads),
-                                                 ("decoder_dim", decoder_dim, "decoder_heads", decoder_heads)):
-            if dim % heads:
-                raise ValueError(f"{fn}: {heads_name}={heads} does not divide {dim_name}={dim}")
-            if dim % 4:
-                raise ValueError(f"{fn}: {dim_name} must be a multiple of 4 (2-D sin-cos positions), got {dim}")
+        check_widths(embed_dim, num_heads, decoder_dim, decoder_heads, fn)
         mlp_ratio = check_number(mlp_ratio, "mlp_ratio", fn, low=0, low_open=True)
         if not isinstance(norm_pix_loss, bool):
             raise TypeError(f"{fn}: norm_pix_loss must be a bool, got {norm_pix_loss!r}")

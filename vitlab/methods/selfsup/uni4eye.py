@@ -51,8 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitlab.checks import check_choice, check_images, check_int, check_number
-from vitlab.mae import (MaskedAutoencoder, masked_mse, patchify, patchify3d, random_masking, sincos_pos_embed_2d,
-                        sincos_pos_embed_3d)
+from vitlab.mae import (MaskedAutoencoder, check_widths, masked_mse, patchify, patchify3d, random_masking,
+                        sincos_pos_embed_2d, sincos_pos_embed_3d)
 from vitlab.models.vit import Block, LayerNorm, VisionTransformer
 
 __all__ = ["sobel_2d", "sobel_3d", "gradient_target", "UnifiedPatchEmbed", "Uni4EyeMAE"]
@@ -244,12 +244,7 @@ class Uni4EyeMAE(nn.Module):
                           ("decoder_depth", decoder_depth), ("decoder_heads", decoder_heads)):
             check_int(val, name, fn)
         self.patch_embed = UnifiedPatchEmbed(img_size, vol_size, patch_size, in_chans, embed_dim)
-        for dim_name, dim, heads_name, heads in (("embed_dim", embed_dim, "num_heads", num_heads),
-                                                 ("decoder_dim", decoder_dim, "decoder_heads", decoder_heads)):
-            if dim % heads:
-                raise ValueError(f"{fn}: {heads_name}={heads} does not divide {dim_name}={dim}")
-        if decoder_dim % 4:
-            raise ValueError(f"{fn}: decoder_dim must be a multiple of 4 (2-D sin-cos positions), got {decoder_dim}")
+        check_widths(embed_dim, num_heads, decoder_dim, decoder_heads, fn)
         self.mlp_ratio = check_number(mlp_ratio, "mlp_ratio", fn, low=0, low_open=True)
         self.grad_weight = check_number(grad_weight, "grad_weight", fn, low=0)
         self.sobel_ksize = check_choice(sobel_ksize, tuple(_SOBEL), "sobel_ksize", fn)
