@@ -55,6 +55,12 @@ PRETRAIN_STEPS = {"cpu": 2000, "gpu": 20000}
 FINETUNE_STEPS = {"cpu": 2500, "gpu": 10000}
 SEEDS = (0, 1, 2)
 DATA = ("thorax_xrays", dict(img_size=32, standardize=True))
+DATA_SEED = 0  # one set of x-rays for every entry: the seeds vary the weights and the data order, not the patients
+
+
+def _data_seed(seed: int) -> int | None:
+    """``Recipe.data_seed`` for a run with ``seed``: None when the seed already draws the lesson's x-rays."""
+    return None if seed == DATA_SEED else DATA_SEED
 
 
 def _register() -> None:
@@ -72,12 +78,12 @@ def _register() -> None:
         for seed in SEEDS:
             zoo.register(f"vit_thorax_{recipe}_s{seed}", zoo.Recipe(
                 model="vit_thorax", data=source, data_kwargs=dict(kwargs), seed=seed,
-                fit=dict(FINETUNE, layer_decay=LAYER_DECAY), per_profile=steps(FINETUNE_STEPS),
-                shares={"smoke": "cpu"}, init=f"mae_thorax_{recipe}"))
+                data_seed=_data_seed(seed), fit=dict(FINETUNE, layer_decay=LAYER_DECAY),
+                per_profile=steps(FINETUNE_STEPS), shares={"smoke": "cpu"}, init=f"mae_thorax_{recipe}"))
     for seed in SEEDS:
         zoo.register(f"vit_thorax_scratch_s{seed}", zoo.Recipe(
-            model="vit_thorax", data=source, data_kwargs=dict(kwargs), seed=seed, fit=dict(FINETUNE),
-            per_profile=steps(FINETUNE_STEPS), shares={"smoke": "cpu"}))
+            model="vit_thorax", data=source, data_kwargs=dict(kwargs), seed=seed, data_seed=_data_seed(seed),
+            fit=dict(FINETUNE), per_profile=steps(FINETUNE_STEPS), shares={"smoke": "cpu"}))
 
 
 _register()
