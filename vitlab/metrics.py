@@ -1,10 +1,13 @@
-"""Metrics beyond accuracy: ``mean_auc`` for multi-label findings (the thorax lessons' mAUC)."""
+"""Metrics beyond accuracy: ``mean_auc`` for multi-label findings (the thorax lessons' mAUC) and ``miou`` for
+segmentation (mean IoU from one confusion matrix)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-__all__ = ["mean_auc"]
+from .checks import check_int
+
+__all__ = ["mean_auc", "miou"]
 
 
 def _as_2d(x, name: str) -> np.ndarray:
@@ -52,3 +55,35 @@ def mean_auc(scores, labels, *, classes=None) -> tuple[float, list[float]]:
                              "AUC needs both classes: use more samples")
         aucs.append(float(roc_auc_score(y[:, k], s[:, k])))
     return float(np.mean(aucs)), aucs
+
+
+def miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Mean intersection over union over all pixels given: per class |P ∩ T| / |P ∪ T| from one confusion matrix
+    (summed over the batch, not per image), averaged over the classes present in ``pred`` or ``target``.
+    ``pred``: class ids shaped as ``target``, or logits with the class axis at dim 1 ([B, K, H, W]);
+    ``target``: integer or bool class ids in [0, num_classes)."""
+    fn = "miou"
+    K = check_int(num_classes, "num_classes", fn, low=1)
+    for name, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+    if pred.ndim == target.ndim + 1 and pred.is_floating_point():
+        if pred.shape[1] != K:
+            raise ValueError(f"{fn}: pred looks like logits {tuple(pred.shape)} but has {pred.shape[1]} classes at "
+                             f"dim 1, expected num_classes={K}")
+        pred = pred.argmax(dim=1)
+    if pred.shape != target.shape or target.numel() == 0:
+        raise ValueError(f"{fn}: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same "
+                         "non-empty shape (or pred be logits [B, K, ...])")
+    for name, t in (("pred", pred), ("target", target)):
+        if t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{fn}: {name} must hold integer class ids, got {t.dtype} (use .long())")
+        t = t.long()
+        if t.min() < 0 or t.max() >= K:
+            raise ValueError(f"{fn}: {name} has class ids in [{t.min().item()}, {t.max().item()}], expected "
+                             f"[0, {K}) (num_classes={K})")
+    conf = torch.bincount((target.long() * K + pred.long()).flatten(), minlength=K * K).reshape(K, K)
+    inter = conf.diag().double()
+    union = conf.sum(0).double() + conf.sum(1).double() - inter
+    present = union > 0
+    return (inter[present] / union[present]).mean().item()

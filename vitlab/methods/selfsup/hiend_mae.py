@@ -64,6 +64,7 @@ from timm.layers import Mlp
 
 from vitlab.checks import check_images, check_int, check_number
 from vitlab.mae import MaskedAutoencoder, patchify, random_masking, unpatchify
+from vitlab.metrics import miou  # noqa: F401 (re-exported: the lesson scores its segmentations with it)
 from vitlab.models import CrossAttention, VisionTransformer
 from vitlab.models.vit import Attention, LayerNorm
 
@@ -239,35 +240,3 @@ class SegmentationViT(nn.Module):
         maps = [unpatchify(up(f), self.patch_size, self.vit.grid_size) for up, f in zip(self.up, self.features(images))]
         x = torch.stack(maps).sum(0) + self.skip(images)
         return self.out(F.gelu(self.fuse(x)))
-
-
-def miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    """Mean intersection over union over all pixels given: per class |P ∩ T| / |P ∪ T| from one confusion matrix
-    (summed over the batch, not per image), averaged over the classes present in ``pred`` or ``target``.
-    ``pred``: class ids shaped as ``target``, or logits with the class axis at dim 1 ([B, K, H, W]);
-    ``target``: integer or bool class ids in [0, num_classes)."""
-    fn = "miou"
-    K = check_int(num_classes, "num_classes", fn, low=1)
-    for name, t in (("pred", pred), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
-    if pred.ndim == target.ndim + 1 and pred.is_floating_point():
-        if pred.shape[1] != K:
-            raise ValueError(f"{fn}: pred looks like logits {tuple(pred.shape)} but has {pred.shape[1]} classes at "
-                             f"dim 1, expected num_classes={K}")
-        pred = pred.argmax(dim=1)
-    if pred.shape != target.shape or target.numel() == 0:
-        raise ValueError(f"{fn}: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same "
-                         "non-empty shape (or pred be logits [B, K, ...])")
-    for name, t in (("pred", pred), ("target", target)):
-        if t.is_floating_point() or t.is_complex():
-            raise TypeError(f"{fn}: {name} must hold integer class ids, got {t.dtype} (use .long())")
-        t = t.long()
-        if t.min() < 0 or t.max() >= K:
-            raise ValueError(f"{fn}: {name} has class ids in [{t.min().item()}, {t.max().item()}], expected "
-                             f"[0, {K}) (num_classes={K})")
-    conf = torch.bincount((target.long() * K + pred.long()).flatten(), minlength=K * K).reshape(K, K)
-    inter = conf.diag().double()
-    union = conf.sum(0).double() + conf.sum(1).double() - inter
-    present = union > 0
-    return (inter[present] / union[present]).mean().item()
