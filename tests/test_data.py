@@ -202,7 +202,8 @@ def test_patch_shuffle_keeps_patches(clean, patch_size):
     (lambda: data.load("foo"), ValueError, r"unknown dataset 'foo'.*mnist5k"),
     (lambda: data.load("mnist5k", "valid"), ValueError, r"unknown split 'valid'.*train"),
     (lambda: data.load("mnist5k", profile="huge"), ValueError, r"unknown profile 'huge'"),
-    (lambda: data.load("mnist5k", img_size=32), TypeError, r"'mnist5k' takes no keyword argument 'img_size'"),
+    (lambda: data.load("mnist5k", img_size=32), ValueError, r"mnist5k: img_size must be an int in \[4, 28\]"),
+    (lambda: data.load("mnist5k", n=32), TypeError, r"'mnist5k' takes no keyword argument 'n'"),
     (lambda: data.load("mnist5k", allow_download="yes"), TypeError, r"allow_download"),
     (lambda: data.load("mnist5k", seed=1.5), TypeError, r"seed"),
     (lambda: data.load("cluttered_scenes", img_size=16), ValueError, r"img_size must be an int in 32\.\.64, got 16"),
@@ -294,3 +295,17 @@ def test_data_dir_default(monkeypatch):
     assert root.name == "data" and (root.parent / "vitlab" / "data" / "__init__.py").is_file()
     monkeypatch.setenv("VITLAB_DATA", "/tmp/elsewhere")
     assert str(data.data_dir()) == "/tmp/elsewhere"
+
+
+def test_mnist5k_shrinks_to_img_size():
+    big, small = data.load("mnist5k", "test", CPU), data.load("mnist5k", "test", CPU, img_size=16)
+    assert small.images.shape == (1000, 1, 16, 16) and torch.equal(small.labels, big.labels)
+    assert 0 <= small.images.min() and small.images.max() <= 1
+    # antialiased: each small pixel is close to the mean of the big pixels around it
+    pooled = torch.nn.functional.adaptive_avg_pool2d(big.images, 16)
+    assert (small.images - pooled).abs().mean() < 0.05
+    assert data.load("mnist5k", "test", CPU, img_size=28).images is big.images or \
+        torch.equal(data.load("mnist5k", "test", CPU, img_size=28).images, big.images)
+    for bad in (3, 29, 16.0, True):
+        with pytest.raises(ValueError, match="img_size"):
+            data.load("mnist5k", "test", CPU, img_size=bad)

@@ -52,3 +52,14 @@ def test_kendall_tau_bad_input(a, b, match):
     with pytest.raises(ValueError, match=f"kendall_tau: .*{match}"):
         stats.kendall_tau(a, b)
 
+
+
+def test_late_loss_drop_by_hand():
+    # 16 values, last eighth = the last 2: window before (4 + 4) / 2 = 4, last (2 + 2) / 2 = 2: (4 - 2) / 2 = 1
+    assert stats.late_loss_drop([9] * 12 + [4, 4, 2, 2]) == pytest.approx(1.0)
+    assert stats.late_loss_drop([1.0] * 16) == 0.0  # flat: plateaued
+    assert stats.late_loss_drop([5, 3, 2, 2], fraction=0.5) == pytest.approx((4 - 2) / 2)
+    with pytest.raises(ValueError, match="fraction"):
+        stats.late_loss_drop([1.0] * 8, fraction=0.7)
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.late_loss_drop([1.0])

@@ -228,3 +228,33 @@ def test_a_self_supervised_step_fn_returns_no_logits():
     h = fit(m, toy(64), profile="smoke", batch_size=32, epochs=2, progress=False,
             step_fn=lambda net, x, y: ((net(x) ** 2).mean(), None))
     assert len(h["train_loss"]) == 2 and all(a != a for a in h["train_acc"])  # nan: nothing classified
+
+
+def test_fit_trains_on_masks_with_a_dense_step_fn():
+    import torch.nn.functional as F
+
+    from vitlab.data import ImageDataset
+
+    x, y = toy()
+    masks = x[:, 0] > 0.5  # the bright quadrant, per pixel
+    ds = ImageDataset(x, y, name="toy", split="train", classes=list("abcd"), masks=masks)
+    seen = []
+
+    def dense_step(net, images, targets):
+        seen.append((targets.dtype, tuple(targets.shape)))
+        return F.cross_entropy(net(images), targets), None
+
+    seed_everything(0)
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    h = fit(net, ds, None, profile="smoke", steps=60, batch_size=32, lr=5e-2, progress=False, step_fn=dense_step,
+            targets="masks")
+    assert seen[0] == (torch.int64, (32, 8, 8)) and h["train_loss"][-1] < h["train_loss"][0]
+    assert ((net(x).argmax(1) == masks).float().mean()) > 0.9
+    with pytest.raises(ValueError, match="targets must be"):
+        fit(net, ds, None, profile="smoke", steps=1, step_fn=dense_step, targets="pixels", progress=False)
+    with pytest.raises(ValueError, match="needs a step_fn"):
+        fit(net, ds, None, profile="smoke", steps=1, targets="masks", progress=False)
+    with pytest.raises(ValueError, match="shift=0"):
+        fit(net, ds, None, profile="smoke", steps=1, step_fn=dense_step, targets="masks", shift=1, progress=False)
+    with pytest.raises(ValueError, match="masks"):
+        fit(net, (x, y), None, profile="smoke", steps=1, step_fn=dense_step, targets="masks", progress=False)

@@ -408,7 +408,9 @@ class MaskedAutoencoder(nn.Module):
         - a ViT with ``global_pool="avg"``: ``fc_norm.*`` missing (fresh LayerNorm) and the encoder's ``norm.*``
           dropped (the ViT has no ``norm`` then), as MAE's ``main_finetune.py`` with ``--global_pool``.
         ``pos_embed`` becomes the ViT's learnable parameter, initialised with the sin-cos table, as in the
-        official fine-tune. The zoo calls this to start a fine-tune from a cached pre-training."""
+        official fine-tune. The zoo calls this to start a fine-tune from a cached pre-training. A dense model
+        built on a ViT (``hiend_mae.SegmentationViT``, which holds it as ``.vit``) gets the encoder in its ViT."""
+        model, vit = vit, getattr(vit, "vit", vit)
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"MaskedAutoencoder.load_into: vit must be a vitlab VisionTransformer, got "
                             f"{type(vit).__name__}")
@@ -427,7 +429,7 @@ class MaskedAutoencoder(nn.Module):
         if isinstance(vit.head, nn.Linear):
             trunc_normal_(vit.head.weight, std=2e-5)
             nn.init.zeros_(vit.head.bias)
-        return vit
+        return model
 
     def extra_repr(self) -> str:
         return (f"img_size={self.img_size}, patch_size={self.patch_size}, tokens={self.num_patches}+1, "

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Spread", "spread", "paired_gap", "kendall_tau", "plateau_text"]
+__all__ = ["Spread", "spread", "paired_gap", "kendall_tau", "plateau_text", "late_loss_drop"]
 
 
 def _floats(values, name: str, fn: str) -> list[float]:
@@ -102,3 +102,17 @@ def plateau_text(runs: dict, threshold: float = 0.015, fmt: str = "{:+.1%}") -> 
             + "; ".join(f"{label} " + ", ".join(fmt.format(g) for g in gs) for label, gs in gains.items())
             + (f" (all within {fmt.format(threshold).lstrip('+')}: plateaued)." if worst <= threshold else
                f" (some still rose more than {fmt.format(threshold).lstrip('+')}: not fully plateaued)."))
+
+
+def late_loss_drop(losses, fraction: float = 1 / 8) -> float:
+    """How much a training loss still fell over the last ``fraction`` of its logged values, relative: (mean of
+    the window before − mean of the last window) / mean of the last. Near zero (or negative) means more steps would
+    not have helped: the plateau test of an objective that has no validation accuracy (a tokenizer, an MAE)."""
+    xs = _floats(losses, "losses", "late_loss_drop")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.5:
+        raise ValueError(f"late_loss_drop: fraction must be a number in (0, 0.5], got {fraction!r}")
+    k = max(1, int(len(xs) * fraction))
+    if len(xs) < 2 * k:
+        raise ValueError(f"late_loss_drop: losses needs at least {2 * k} values, got {len(xs)}")
+    before, last = sum(xs[-2 * k:-k]) / k, sum(xs[-k:]) / k
+    return (before - last) / last

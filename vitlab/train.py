@@ -48,11 +48,27 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _images_labels(data, name: str, fn: str = "fit", optional: bool = True):
+def _images_masks(data, name: str, fn: str = "fit"):
+    """(images, masks as int64 class ids [N,H,W]) of a dataset with dense targets (``targets="masks"``)."""
+    masks = getattr(data, "masks", None)
+    images = getattr(data, "images", None)
+    if not torch.is_tensor(masks) or not torch.is_tensor(images) or images.ndim != 4 or masks.ndim != 3 \
+            or masks.shape != (images.shape[0], *images.shape[2:]) or len(images) == 0:
+        raise ValueError(f"{fn}: targets='masks' needs {name} to be a dataset with images [N,C,H,W] and masks "
+                         f"[N,H,W] (e.g. cluttered_scenes), got {type(data).__name__} with masks "
+                         f"{None if masks is None else tuple(masks.shape)}")
+    if masks.is_floating_point() or masks.is_complex():
+        raise TypeError(f"{fn}: {name} masks must be bool or integer class ids, got dtype {masks.dtype}")
+    return images, masks.long()
+
+
+def _images_labels(data, name: str, fn: str = "fit", optional: bool = True, targets: str = "labels"):
     if data is None:
         if not optional:
             raise TypeError(f"{fn}: {name} must be a vitlab ImageDataset or an (images, labels) tuple, got None")
         return None
+    if targets == "masks":
+        return _images_masks(data, name, fn)
     if isinstance(data, (tuple, list)) and len(data) == 2:
         images, labels = data
     elif hasattr(data, "images") and hasattr(data, "labels"):
@@ -216,7 +232,8 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
         seconds: float | None = None, steps: int | None = None, batch_size: int | None = None, optimizer: str = "adamw", lr: float = 1e-3,
         weight_decay: float = 0.05, schedule: str = "cosine", warmup: float = 0.1, label_smoothing: float = 0.1,
         shift: int = 0, grad_clip: float | None = 1.0, amp: bool | None = None, compile: bool | None = None,
-        seed: int = 0, device=None, progress: bool = True, loss_fn=None, step_fn=None, desc: str = "train") -> dict:
+        seed: int = 0, device=None, progress: bool = True, loss_fn=None, step_fn=None, targets: str = "labels",
+        desc: str = "train") -> dict:
     """Train ``model`` on ``train``; return a history (lists per epoch) for plots.
 
     epochs / seconds / steps: how long (default: the profile's epochs). ``seconds`` times the first steps and then
@@ -232,15 +249,23 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
       and its teacher). It runs under autocast on the device batch (after ``shift``); the logits only count
       the training accuracy against ``labels``. A self-supervised step_fn (MAE) returns (loss, None): the
       history's ``train_acc`` is then nan, and ``val`` must be None (there is nothing to classify).
+    targets="masks" trains on a dataset's per-pixel masks instead of its labels (segmentation): ``step_fn``
+      receives int64 class ids [B,H,W] as ``labels`` and computes the loss; it needs a step_fn, ``val=None`` (the
+      objective scores itself) and ``shift=0`` (a shifted image would no longer match its mask).
     Labels [N,K] of 0/1 floats (multi-hot) train a multi-label model: the default loss becomes binary
     cross-entropy (``multilabel_loss``, with ``label_smoothing`` per class), accuracy is per class, and the
     history gains ``val_auc`` (mean ROC AUC over classes).
     """
     P = get_profile(profile)
     check_model(model, "fit")
-    tr = _images_labels(train, "train", optional=False)
+    if targets not in ("labels", "masks"):
+        raise ValueError(f"fit: targets must be 'labels' or 'masks', got {targets!r}")
+    if targets == "masks" and (step_fn is None or val is not None or shift):
+        raise ValueError("fit: targets='masks' needs a step_fn (the dense loss), val=None and shift=0")
+    tr = _images_labels(train, "train", optional=False, targets=targets)
     va = _images_labels(val, "val")
-    _check_labels(tr[1], model, "train", "fit")
+    if targets == "labels":
+        _check_labels(tr[1], model, "train", "fit")
     if va is not None:
         _check_labels(va[1], model, "val", "fit")
         if va[1].ndim != tr[1].ndim:

