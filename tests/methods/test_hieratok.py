@@ -166,3 +166,47 @@ BAD = [
 def test_bad_input_names_the_argument(call, exc, name):
     with pytest.raises(exc, match=name):
         call()
+
+
+# ------------------------------------------------------------------------ the lesson's recipe
+def test_the_two_tokenizers_differ_only_in_the_scales():
+    from vitlab import zoo
+    from vitlab.methods.selfsup import hieratok as H
+    from vitlab.models.registry import MODELS
+
+    a, b = dict(MODELS["hieratok_multiscale_digits"]), dict(MODELS["hieratok_single_digits"])
+    assert (a.pop("single_scale"), b.pop("single_scale")) == (False, True)
+    assert a == b == H.TOKENIZER
+    for seed in H.SEEDS:
+        ca, cb = (zoo.ZOO[f"hieratok_{v}_digits_s{seed}"].config("cpu") for v in H.VARIANTS)
+        assert ca.pop("model") != cb.pop("model") and ca == cb  # same data, steps, lr, batch, seed
+    ms, ss = (H.hieratok_model(**MODELS[f"hieratok_{v}_digits"]) for v in H.VARIANTS)
+    assert ms.scales == (1, 2, 4, 8) and ss.scales == (8,)
+    assert ms.token_count == ss.token_count == 85  # 1 + 4 + 16 + 64 latent tokens each
+    # the latent compresses: 85 tokens x latent_dim floats < 16 x 16 pixels
+    assert ms.token_count * H.TOKENIZER["latent_dim"] < H.TOKENIZER["img_size"] ** 2
+    assert H.entry_names() == [f"hieratok_{v}_digits_s{s}" for v in H.VARIANTS for s in H.SEEDS]
+
+
+def test_tokenizer_metrics_by_hand():
+    from vitlab.methods.selfsup.hieratok import tokenizer_metrics
+
+    m, x = model().eval(), images(6)
+    out = tokenizer_metrics(m, x, batch_size=4)  # two batches
+    with torch.no_grad():
+        per_image = (m.decode(m.encode(x)) - x).pow(2).flatten(1).mean(1)
+    assert out["mse"] == pytest.approx(per_image.mean().item(), rel=1e-5)
+    assert out["psnr"] == pytest.approx((-10 * per_image.log10()).mean().item(), rel=1e-5)
+
+    class Exact(torch.nn.Module):  # reconstructs every image with an error of 0.1 per pixel: PSNR = 20 dB
+        in_chans, img_size = 1, 16
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return z + 0.1
+
+    assert tokenizer_metrics(Exact(), x)["psnr"] == pytest.approx(20.0, rel=1e-5)
+    with pytest.raises(ValueError, match="data"):
+        tokenizer_metrics(m, torch.rand(2, 3, 16, 16))

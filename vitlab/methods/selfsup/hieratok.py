@@ -297,3 +297,78 @@ class HieraTok(nn.Module):
         kind = f"single_scale (+{self.num_extra} latent tokens)" if self.single_scale else f"scales={self.scales}"
         return (f"img_size={self.img_size}, patch_size={self.patch_size}, {kind}, token_count={self.token_count}, "
                 f"latent={self.bottleneck}:{self.latent_dim}")
+
+
+# ------------------------------------------------------------------------ the lesson's recipe (zoo entries)
+# notebooks/5_selfsup/hieratok.ipynb and the chapter's compare read these. mnist5k digits shrunk to 16 px, patch 2:
+# an 8 x 8 token map pooled to 1, 2, 4 and 8 -> 85 latent tokens. Zoo entries hieratok_<variant>_digits_s<seed>:
+# "multiscale" is the paper's tokenizer, "single" the equal-token control (the 8 x 8 map + 21 learned tokens).
+TOKENIZER = dict(img_size=16, patch_size=2, in_chans=1, dim=64, depth=2, num_heads=4, latent_dim=2)
+VARIANTS = {"multiscale": dict(single_scale=False), "single": dict(single_scale=True)}
+TRAIN = dict(batch_size=64, lr=1e-3, weight_decay=1e-4, warmup=0.05, grad_clip=1.0)
+STEPS = {"cpu": 3000, "gpu": 30000}
+SEEDS = (0, 1, 2)
+DATA = ("mnist5k", dict(img_size=16))
+
+
+def hieratok_model(num_classes: int = 0, **kwargs) -> HieraTok:
+    """The model registry's builder (a dataset sets ``num_classes`` for every model; a tokenizer ignores it)."""
+    return HieraTok(**kwargs)
+
+
+@torch.no_grad()
+def tokenizer_metrics(model: HieraTok, data, batch_size: int = 500) -> dict:
+    """Reconstruction of ``data``'s images (a dataset or a tensor) from the deterministic latent: pixel MSE over
+    all of them and the mean per-image PSNR (pixels in [0, 1], so PSNR = −10·log10 MSE_image)."""
+    images = getattr(data, "images", data)
+    check_images(images, model.in_chans, model.img_size, "tokenizer_metrics", "data")
+    was_training = model.training
+    model.eval()
+    per_image = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        per_image.append((model.decode(model.encode(x)) - x).pow(2).flatten(1).mean(1))
+    model.train(was_training)
+    per_image = torch.cat(per_image)
+    return {"mse": per_image.mean().item(), "psnr": (-10 * per_image.clamp(min=1e-10).log10()).mean().item()}
+
+
+def tokenizer_objective():
+    """Training as a ``vitlab.zoo`` objective (registered as ``"hieratok"``): the model's own loss (MSE + weighted
+    KL) per step; the checkpoint stores val/test reconstruction MSE and test PSNR."""
+    from vitlab import zoo
+
+    def step_fn(net, images, labels):
+        return net(images)[1]["loss"], None
+
+    def metrics(model, train, val, test):
+        t = tokenizer_metrics(model, test)
+        return {"val_mse": tokenizer_metrics(model, val)["mse"], "test_mse": t["mse"], "test_psnr": t["psnr"]}
+
+    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+
+
+def entry_names() -> list[str]:
+    """Every zoo entry of the lesson, per variant and seed."""
+    return [f"hieratok_{v}_digits_s{s}" for v in VARIANTS for s in SEEDS]
+
+
+def _register() -> None:
+    from vitlab import zoo
+    from vitlab.models.registry import MODELS, register_model
+
+    if "hieratok_multiscale_digits" in MODELS:  # re-imported
+        return
+    zoo.register_objective("hieratok", tokenizer_objective)
+    source, kwargs = DATA
+    for variant, flags in VARIANTS.items():
+        model = f"hieratok_{variant}_digits"
+        register_model(model, hieratok_model, **TOKENIZER, **flags)
+        for seed in SEEDS:
+            zoo.register(f"{model}_s{seed}", zoo.Recipe(
+                model=model, data=source, data_kwargs=dict(kwargs), fit=dict(TRAIN), seed=seed, data_seed=0,
+                objective="hieratok", per_profile={p: dict(steps=s) for p, s in STEPS.items()},
+                shares={"smoke": "cpu"}))
+
+
+_register()
