@@ -217,3 +217,67 @@ BAD = [
 def test_bad_input_names_the_argument(name, call, exc, word):
     with pytest.raises(exc, match=word.replace("[", r"\[").replace("]", r"\]")):
         call()
+
+
+# ------------------------------------------------------------------------ the lesson's recipe
+def test_the_two_pretrainings_differ_only_in_the_decoder():
+    from vitlab import zoo
+    from vitlab.methods.selfsup import hiend_mae as M
+    from vitlab.models.registry import MODELS
+
+    a, b = dict(MODELS["mae_scenes_hiend"]), dict(MODELS["mae_scenes_plain"])
+    for cfg in (a, b):
+        for key in M.ENCODER:
+            assert cfg.pop(key) == M.ENCODER[key]
+    assert a["decoder_depth"] + a["taps"] == b["decoder_depth"] == 3 and b["taps"] == ()  # equal decoder depth
+    ca, cb = (zoo.ZOO[f"mae_scenes_{d}"].config("cpu") for d in M.DECODERS)
+    assert ca.pop("model") != cb.pop("model") and ca == cb  # same scenes, steps, lr, batch, mask ratio, seed
+    for seed in M.SEEDS:  # the fine-tunes differ only in their start
+        cs = [dict(zoo.ZOO[f"seg_scenes_{v}_s{seed}"].config("cpu")) for v in (*M.DECODERS, "scratch")]
+        assert cs[0] == cs[1] == cs[2] and cs[0]["max_train"] == M.LABELLED and cs[0]["fit"]["targets"] == "masks"
+        assert [zoo.ZOO[f"seg_scenes_{v}_s{seed}"].init for v in (*M.DECODERS, "scratch")] == \
+            ["mae_scenes_hiend", "mae_scenes_plain", None]
+    assert len(M.entry_names()) == 2 + 3 * len(M.SEEDS)
+
+
+def test_a_fine_tune_starts_from_the_pretrained_encoder():
+    from vitlab.methods.selfsup import hiend_mae as M
+    from vitlab.models.registry import MODELS
+    from vitlab.zoo import _start_from
+
+    torch.manual_seed(0)
+    pre = M.hiend_model(**MODELS["mae_scenes_hiend"])
+    seg = M.segmentation_model(num_classes=10, **M.ENCODER)  # a scene dataset's 10 digit labels are ignored
+    assert seg.num_classes == len(M.SEG_CLASSES) == 2
+    _start_from(seg, pre)
+    assert torch.equal(seg.vit.blocks[3].mlp.fc1.weight, pre.blocks[3].mlp.fc1.weight)
+    assert torch.equal(seg.vit.patch_embed.proj.weight, pre.patch_embed.proj.weight)
+
+
+def test_segmentation_metrics_by_hand():
+    from types import SimpleNamespace
+
+    from vitlab.methods.selfsup.hiend_mae import segmentation_metrics
+
+    class Oracle(torch.nn.Module):  # predicts "digit" on the left half of every image
+        def forward(self, x):
+            logits = torch.zeros(len(x), 2, *x.shape[-2:])
+            logits[:, 1, :, : x.shape[-1] // 2] = 1.0
+            return logits
+
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[:, :, :1] = True  # the digit: the first column, a quarter of the image
+    out = segmentation_metrics(Oracle(), SimpleNamespace(images=torch.rand(2, 3, 4, 4), masks=masks), batch_size=1)
+    # digit: |P ∩ T| = 8, |P ∪ T| = 16 -> 0.5; background: |P ∩ T| = 16, |P ∪ T| = 24 -> 2/3
+    assert out["digit_iou"] == pytest.approx(0.5) and out["miou"] == pytest.approx((0.5 + 2 / 3) / 2)
+    with pytest.raises(TypeError, match="data"):
+        segmentation_metrics(Oracle(), torch.rand(2, 3, 4, 4))
+
+
+def test_segmentation_objective_trains_on_masks_and_logs_val():
+    from vitlab.methods.selfsup.hiend_mae import segmentation_objective
+
+    obj = segmentation_objective(eval_every=1000)
+    assert callable(obj.step_fn) and callable(obj.metrics)
+    with pytest.raises(ValueError, match="eval_every"):
+        segmentation_objective(eval_every=0)

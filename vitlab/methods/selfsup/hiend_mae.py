@@ -240,3 +240,120 @@ class SegmentationViT(nn.Module):
         maps = [unpatchify(up(f), self.patch_size, self.vit.grid_size) for up, f in zip(self.up, self.features(images))]
         x = torch.stack(maps).sum(0) + self.skip(images)
         return self.out(F.gelu(self.fuse(x)))
+
+
+# ------------------------------------------------------------------------ the lesson's recipe (zoo entries)
+# notebooks/5_selfsup/hiend_mae.ipynb and the chapter's compare read these. Both pre-trainings see the same 20,000
+# unlabelled cluttered scenes (32 px, 3 channels, patch 4: 64 patches) with the same encoder, mask ratio, steps and
+# lr; they differ only in the decoder: Hi-End-MAE's ("hiend": 1 self-attention block, then 2 cross-attention blocks
+# reading encoder blocks 4 and 2) against MAE's decoder of the same depth ("plain": 3 self-attention blocks, taps=()).
+# Zoo entries mae_scenes_<decoder>, then seg_scenes_<decoder or scratch>_s<seed>. Then each
+# encoder, and a fresh one, is fine-tuned as a SegmentationViT on the digit masks of only LABELLED scenes.
+ENCODER = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.0)
+DECODERS = {"hiend": dict(decoder_dim=64, decoder_depth=1, decoder_heads=4, taps=2),  # taps (4, 2)
+            "plain": dict(decoder_dim=64, decoder_depth=3, decoder_heads=4, taps=())}
+MASK_RATIO = 0.75
+PRETRAIN = dict(batch_size=128, lr=1.5e-3, weight_decay=0.05, warmup=0.1)
+PRETRAIN_STEPS = {"cpu": 2000, "gpu": 20000}
+PRETRAIN_SCENES = 20000
+SEGMENT = dict(batch_size=32, lr=1e-3, weight_decay=0.05, warmup=0.1, targets="masks")
+SEGMENT_STEPS = {"cpu": 1000, "gpu": 10000}
+LABELLED = 200  # scenes whose masks the fine-tunes see (the few-label regime the paper's transfer is about)
+SEG_WIDTH = 32
+SEEDS = (0, 1, 2)
+DATA = ("cluttered_scenes", dict(img_size=32, in_chans=3))
+SEG_CLASSES = ("background", "digit")
+
+
+def hiend_model(num_classes: int = 0, **kwargs) -> HiEndMAE:
+    """The model registry's builder of a pre-training (a dataset's ``num_classes`` does not apply to it)."""
+    return HiEndMAE(**kwargs)
+
+
+def segmentation_model(num_classes: int = 0, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
+                       embed_dim: int = 64, depth: int = 6, num_heads: int = 4, mlp_ratio: float = 4.0,
+                       width: int = SEG_WIDTH, taps=None) -> SegmentationViT:
+    """The registry's builder of the fine-tuned model: a fresh ViT in a ``SegmentationViT`` with one logit per
+    ``SEG_CLASSES`` (a scene dataset's ``num_classes`` counts the digit labels, which a mask does not use)."""
+    vit = VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
+                            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+    return SegmentationViT(vit, num_classes=len(SEG_CLASSES), taps=taps, width=width)
+
+
+@torch.no_grad()
+def segmentation_metrics(model: SegmentationViT, data, batch_size: int = 250) -> dict:
+    """mIoU (``vitlab.metrics.miou`` over background and digit) and the digit class's IoU on ``data``'s masks."""
+    images, masks = getattr(data, "images", None), getattr(data, "masks", None)
+    if not isinstance(masks, torch.Tensor) or not isinstance(images, torch.Tensor):
+        raise TypeError(f"segmentation_metrics: data must be a dataset with images and masks (cluttered_scenes), "
+                        f"got {type(data).__name__}")
+    was_training = model.training
+    model.eval()
+    pred = torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+    model.train(was_training)
+    target = masks.long()
+    inter, union = ((pred == 1) & (target == 1)).sum().item(), ((pred == 1) | (target == 1)).sum().item()
+    return {"miou": miou(pred, target, len(SEG_CLASSES)), "digit_iou": inter / max(union, 1)}
+
+
+def segmentation_objective(eval_every: int = 100):
+    """Fine-tuning on masks as a ``vitlab.zoo`` objective (registered as ``"segment"``, with ``targets="masks"``):
+    per-pixel cross-entropy; every ``eval_every`` steps the val mIoU is logged (the plateau check), and the
+    checkpoint stores val/test mIoU, test digit IoU and that curve."""
+    from vitlab import data as vdata
+    from vitlab import zoo
+
+    check_int(eval_every, "eval_every", "segmentation_objective")
+    source, kwargs = DATA
+    state = {"step": 0, "curve": []}
+
+    def step_fn(net, images, masks):
+        if state["step"] % eval_every == 0:
+            if "val" not in state:
+                state["val"] = vdata.load(source, "val", **kwargs)
+            state["curve"].append((state["step"], segmentation_metrics(net, state["val"])["miou"]))
+        state["step"] += 1
+        return F.cross_entropy(net(images).float(), masks), None
+
+    def metrics(model, train, val, test):
+        v, t = segmentation_metrics(model, val), segmentation_metrics(model, test)
+        curve = state["curve"] + [(state["step"], v["miou"])]
+        return {"val_miou": v["miou"], "test_miou": t["miou"], "test_digit_iou": t["digit_iou"],
+                "val_curve_step": [s for s, _ in curve], "val_curve_miou": [m for _, m in curve]}
+
+    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+
+
+def entry_names() -> list[str]:
+    """Every zoo entry of the lesson: the two pre-trainings, then the fine-tunes of each and from scratch per seed."""
+    return [f"mae_scenes_{d}" for d in DECODERS] + [f"seg_scenes_{v}_s{s}" for v in (*DECODERS, "scratch")
+                                                     for s in SEEDS]
+
+
+def _register() -> None:
+    from vitlab import zoo
+    from vitlab.models.registry import MODELS, register_model
+
+    if "seg_vit_scenes" in MODELS:  # re-imported
+        return
+    zoo.register_objective("segment", segmentation_objective)
+    source, kwargs = DATA
+    register_model("seg_vit_scenes", segmentation_model, **ENCODER)
+    seg = lambda seed, init=None: zoo.Recipe(  # noqa: E731
+        model="seg_vit_scenes", data=source, data_kwargs=dict(kwargs), seed=seed, data_seed=0, fit=dict(SEGMENT),
+        per_profile={p: dict(steps=s, max_train=LABELLED) for p, s in SEGMENT_STEPS.items()},
+        shares={"smoke": "cpu"}, objective="segment", init=init)
+    for decoder, dec_kwargs in DECODERS.items():
+        model = f"mae_scenes_{decoder}"
+        register_model(model, hiend_model, **ENCODER, **dec_kwargs)
+        zoo.register(model, zoo.Recipe(
+            model=model, data=source, data_kwargs=dict(kwargs), train_kwargs=dict(n=PRETRAIN_SCENES),
+            fit=dict(PRETRAIN), per_profile={p: dict(steps=s) for p, s in PRETRAIN_STEPS.items()},
+            shares={"smoke": "cpu"}, objective="mae", objective_kwargs=dict(mask_ratio=MASK_RATIO)))
+        for seed in SEEDS:
+            zoo.register(f"seg_scenes_{decoder}_s{seed}", seg(seed, init=model))
+    for seed in SEEDS:
+        zoo.register(f"seg_scenes_scratch_s{seed}", seg(seed))
+
+
+_register()
