@@ -279,6 +279,31 @@ def test_finetune_starts_from_its_base_and_follows_it(ckpts):
                                           fit=dict(epochs=1, lr=1e-3, shift=0, batch_size=64))
 
 
+USER = "test_uses_digits8"
+if USER not in zoo.ZOO:
+    zoo.register(USER, zoo.Recipe(model="vit_nano", data="digits8", uses=(zh.NAME,),
+                                  fit=dict(steps=1, lr=1e-4, shift=0, batch_size=64)))
+
+
+def test_an_entry_that_uses_another_retrains_with_it(ckpts):
+    base = zoo.get(zh.NAME, "smoke", progress=False)
+    _, info = zoo.get(USER, "smoke", progress=False, return_info=True)
+    assert info["config"]["uses"] == {zh.NAME: zoo.state_hash(base.state_dict())}
+    with pytest.warns(UserWarning, match="another recipe"):  # the entry it reads changed: not trusted
+        zh.checkpoint(ckpts).unlink()
+        zoo.ZOO[zh.NAME] = zoo.Recipe(model="vit_nano", data="digits8",
+                                      fit=dict(epochs=1, lr=2e-3, shift=0, batch_size=64))
+        try:
+            zoo.get(USER, "smoke", progress=False)
+        finally:
+            zoo.ZOO[zh.NAME] = zoo.Recipe(model="vit_nano", data="digits8",
+                                          fit=dict(epochs=1, lr=1e-3, shift=0, batch_size=64))
+    with pytest.raises(ValueError, match="must be a tuple of registered entries"):
+        zoo.register("t_bad_uses", zoo.Recipe(model="vit_nano", data="digits8", uses=("no_such_entry",)))
+    with pytest.raises(ValueError, match="must be a tuple of registered entries"):
+        zoo.register("t_bad_uses", zoo.Recipe(model="vit_nano", data="digits8", uses=zh.NAME))
+
+
 def test_register_rejects_an_unknown_or_mismatched_init():
     with pytest.raises(ValueError, match="'no_such_base', which must be a registered entry"):
         zoo.register("t_bad_init", zoo.Recipe(model="vit_tiny", data="digits8", init="no_such_base"))

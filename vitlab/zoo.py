@@ -55,6 +55,9 @@ class Recipe:
     # fit runs the objective's step_fn on the train split, and the objective's metrics replace the accuracies
     objective: str | None = None
     objective_kwargs: dict = field(default_factory=dict)
+    # other entries whose weights the objective reads, frozen (a stage-2 prior's tokenizer): their hashes join the
+    # checkpoint's config, so retraining one of them retrains this entry too (as `init` does for a fine-tune)
+    uses: tuple = ()
 
     def checkpoint_profile(self, profile_name: str) -> str:
         return self.shares.get(profile_name, profile_name)
@@ -81,6 +84,8 @@ def _config(recipe: Recipe, P: Profile) -> dict[str, Any]:
     if recipe.init is not None:
         _, info = get(recipe.init, P, return_info=True, progress=False)
         cfg["init"] = {"name": recipe.init, "sha256": info["sha256"]}
+    if recipe.uses:
+        cfg["uses"] = {name: get(name, P, return_info=True, progress=False)[1]["sha256"] for name in recipe.uses}
     return cfg
 
 
@@ -111,6 +116,8 @@ def register_objective(name: str, factory) -> None:
 def register(name: str, recipe: Recipe) -> None:
     if name in ZOO:
         raise ValueError(f"zoo.register: {name!r} is already registered")
+    if not isinstance(recipe.uses, tuple) or any(u not in ZOO for u in recipe.uses):
+        raise ValueError(f"zoo.register: {name!r} uses {recipe.uses!r}, which must be a tuple of registered entries")
     if recipe.init is not None and recipe.init not in ZOO:
         raise ValueError(f"zoo.register: {name!r} starts from {recipe.init!r}, which must be a registered entry")
     if recipe.init is not None and ZOO[recipe.init].model != recipe.model \

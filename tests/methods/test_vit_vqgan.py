@@ -191,7 +191,7 @@ def test_the_two_tokenizers_differ_only_in_the_lookup():
         ca, cb = (zoo.ZOO[f"vqgan_{v}_digits_s{seed}"].config("cpu") for v in ("vitvq", "vq"))
         assert ca.pop("model") != cb.pop("model") and ca == cb  # same data, steps, lr, batch, seed
     prior = zoo.ZOO["code_prior_digits_s0"]
-    assert prior.objective_kwargs == {"tokenizer": "vqgan_vitvq_digits_s0"}
+    assert prior.objective_kwargs == {"tokenizer": "vqgan_vitvq_digits_s0"} and prior.uses == ("vqgan_vitvq_digits_s0",)
 
 
 def test_tokenizer_metrics_match_the_forward():

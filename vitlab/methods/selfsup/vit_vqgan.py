@@ -206,8 +206,8 @@ class CodeGPT(nn.Module):
 # ------------------------------------------------------------------------ the lesson's recipe (zoo entries)
 # notebooks/5_selfsup/vit_vqgan.ipynb and the chapter's compare read these. Stage 1 on the mnist5k training digits
 # (28 px, 7 x 7 = 49 codes per image), zoo entries vqgan_<variant>_digits_s<seed>: "vitvq" is the paper's lookup,
-# "vq" the plain one it improves on. Stage 2, code_prior_digits_s0, models the codes of vqgan_vitvq_digits_s0 (it
-# is not retrained when that tokenizer is: retrain both together).
+# "vq" the plain one it improves on. Stage 2, code_prior_digits_s0, models the codes of vqgan_vitvq_digits_s0 (the
+# recipe `uses` it: a retrained tokenizer retrains the prior).
 TOKENIZER = dict(img_size=28, patch_size=4, in_chans=1, dim=64, depth=2, heads=4, num_codes=512, code_dim=8)
 VARIANTS = {"vitvq": dict(factorized=True, l2_normalized=True), "vq": dict(factorized=False, l2_normalized=False)}
 STAGE1 = dict(batch_size=64, lr=1e-3, weight_decay=1e-4, warmup=0.05, grad_clip=1.0)
@@ -311,7 +311,7 @@ def _register() -> None:
                 per_profile={p: dict(steps=s) for p, s in STAGE1_STEPS.items()}, shares={"smoke": "cpu"}))
     zoo.register("code_prior_digits_s0", zoo.Recipe(
         model="code_prior_digits", data=DATA, fit=dict(STAGE2), seed=0, objective="code_prior",
-        objective_kwargs=dict(tokenizer="vqgan_vitvq_digits_s0"),
+        objective_kwargs=dict(tokenizer="vqgan_vitvq_digits_s0"), uses=("vqgan_vitvq_digits_s0",),
         per_profile={p: dict(steps=s) for p, s in STAGE2_STEPS.items()}, shares={"smoke": "cpu"}))
 
 
