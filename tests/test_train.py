@@ -258,3 +258,22 @@ def test_fit_trains_on_masks_with_a_dense_step_fn():
         fit(net, ds, None, profile="smoke", steps=1, step_fn=dense_step, targets="masks", shift=1, progress=False)
     with pytest.raises(ValueError, match="masks"):
         fit(net, (x, y), None, profile="smoke", steps=1, step_fn=dense_step, targets="masks", progress=False)
+
+
+def test_fit_takes_volumes_with_a_step_fn():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    vols, labels = torch.rand(64, 1, 4, 4, 4, generator=g), torch.randint(0, 2, (64,), generator=g)
+    vols[labels == 1, :, :2] += 1.0  # class 1: bright front half
+
+    def step(net, x, y):
+        assert x.ndim == 5
+        return F.cross_entropy(net(x.flatten(1)), y), None
+
+    seed_everything(0)
+    net = torch.nn.Linear(64, 2)
+    h = fit(net, (vols, labels), None, profile="smoke", steps=40, batch_size=16, lr=5e-2, progress=False, step_fn=step)
+    assert h["train_loss"][-1] < h["train_loss"][0]
+    with pytest.raises(ValueError, match="volumes .* need shift=0"):
+        fit(net, (vols, labels), None, profile="smoke", steps=1, step_fn=step, shift=1, progress=False)

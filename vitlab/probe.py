@@ -40,15 +40,17 @@ def _images(data, fn: str) -> torch.Tensor:
     else:
         raise TypeError(f"{fn}: data must be an image tensor [N, C, H, W], an (images, labels) tuple or a vitlab "
                         f"ImageDataset, got {type(data).__name__}")
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
+    if not isinstance(images, torch.Tensor) or images.ndim not in (4, 5) or len(images) == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{fn}: data must hold images [N, C, H, W] with N > 0, got {shape}")
+        raise ValueError(f"{fn}: data must hold images [N, C, H, W] (or volumes [N, C, D, H, W] for a model that "
+                         f"takes them) with N > 0, got {shape}")
     return images
 
 
 @torch.no_grad()
 def features(model: nn.Module, data, pool: str = "cls", batch_size: int = 256) -> torch.Tensor:
-    """Frozen features [N, D] of ``data`` (images [N,C,H,W], an (images, labels) tuple or an ImageDataset).
+    """Frozen features [N, D] of ``data`` (images [N,C,H,W], an (images, labels) tuple or an ImageDataset; volumes
+    [N,C,D,H,W] for a model whose forward_features takes them, e.g. Uni4Eye's).
 
     ``model`` needs ``forward_features(images) -> tokens [B, T, D]`` with ``model.num_prefix_tokens`` prefix
     tokens first (vitlab's ``VisionTransformer``, ``MaskedAutoencoder``). pool: ``"cls"`` the first token,

@@ -76,10 +76,10 @@ def _images_labels(data, name: str, fn: str = "fit", optional: bool = True, targ
     else:
         raise TypeError(f"{fn}: {name} must be a vitlab ImageDataset or an (images, labels) tuple, "
                         f"got {type(data).__name__}")
-    if not (torch.is_tensor(images) and torch.is_tensor(labels)) or images.ndim != 4 or labels.ndim not in (1, 2) \
-            or len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"{fn}: {name} must hold images [N,C,H,W] and labels [N] (class indices) or [N,K] "
-                         f"(multi-hot) with N > 0")
+    if not (torch.is_tensor(images) and torch.is_tensor(labels)) or images.ndim not in (4, 5) \
+            or labels.ndim not in (1, 2) or len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"{fn}: {name} must hold images [N,C,H,W] (or volumes [N,C,D,H,W]) and labels [N] (class "
+                         f"indices) or [N,K] (multi-hot) with N > 0")
     if labels.ndim == 1 and (labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex()):
         raise TypeError(f"{fn}: {name} labels must be integer class indices, got dtype {labels.dtype}")
     if labels.ndim == 2 and not labels.dtype.is_floating_point:
@@ -296,6 +296,8 @@ def fit(model: nn.Module, train, val=None, *, profile: Profile | str | None = No
     for fn_name, fn in (("loss_fn", loss_fn), ("step_fn", step_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(f"fit: {fn_name} must be callable, got {type(fn).__name__}")
+    if tr[0].ndim == 5 and shift:
+        raise ValueError(f"fit: shift={shift!r} shifts images; volumes [N,C,D,H,W] need shift=0")
     if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < min(tr[0].shape[-2:]):
         raise ValueError(f"fit: shift must be an int in 0..{min(tr[0].shape[-2:]) - 1} (pixels, less than the "
                          f"image size), got {shift!r}")

@@ -291,3 +291,54 @@ def test_model_is_deterministic_for_a_seed():
     la = a(x, 0.75, generator=torch.Generator().manual_seed(0))[0]
     lb = b(x, 0.75, generator=torch.Generator().manual_seed(0))[0]
     assert la.item() == lb.item() and math.isfinite(la.item())
+
+
+# ------------------------------------------------------------------------ the lesson's recipe
+def test_the_two_pretrainings_differ_only_in_the_modalities():
+    from vitlab import zoo
+    from vitlab.methods.selfsup import uni4eye as U
+
+    assert U.VARIANTS == {"uni": ("2d", "3d"), "2d": ("2d",)}
+    for seed in U.SEEDS:
+        a, b = (zoo.ZOO[f"uni4eye_{v}_s{seed}"].config("cpu") for v in U.VARIANTS)
+        assert a.pop("objective")["modalities"] == ["2d", "3d"] and b.pop("objective")["modalities"] == ["2d"]
+        assert a == b  # same model, volumes, steps, lr, batch, seed
+    assert U.entry_names() == [f"uni4eye_{v}_s{s}" for v in U.VARIANTS for s in U.SEEDS]
+
+
+def test_the_objective_alternates_the_modalities():
+    from vitlab.methods.selfsup import uni4eye as U
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, mask_ratio):
+            seen.append(x.ndim)
+            return x.sum(), {}, None
+
+    obj = U.uni4eye_objective(("2d", "3d"))
+    vols = torch.rand(2, 1, 4, 4, 4)
+    for _ in range(4):
+        obj.step_fn(Spy(), vols, None)
+    assert seen == [4, 5, 4, 5]
+    seen.clear()
+    obj2d = U.uni4eye_objective(("2d",))
+    loss, _ = obj2d.step_fn(Spy(), vols, None)
+    assert seen == [4] and loss.item() == pytest.approx(vols.amax(dim=2).sum().item())  # the max projection
+    with pytest.raises(ValueError, match="modalities"):
+        U.uni4eye_objective(("2d", "4d"))
+
+
+def test_reconstruction_losses_cover_both_modalities():
+    from vitlab.methods.selfsup import uni4eye as U
+    from vitlab.models.registry import MODELS
+
+    torch.manual_seed(0)
+    m = U.uni4eye_model(**MODELS["uni4eye_shapes"], img_size=16)
+    vols = _smooth(3, 1, 16, 16, 16)
+    out = U.reconstruction_losses(m, vols, batch_size=2)
+    assert set(out) == {"2d_image", "2d_grad", "3d_image", "3d_grad"} and all(v > 0 for v in out.values())
+    again = U.reconstruction_losses(m, vols)  # fixed masks: the same numbers for any batching
+    assert all(again[k] == pytest.approx(v, rel=1e-5) for k, v in out.items())
+    with pytest.raises(ValueError, match="volumes"):
+        U.reconstruction_losses(m, torch.rand(2, 1, 16, 16))

@@ -360,3 +360,101 @@ class Uni4EyeMAE(nn.Module):
         return (f"img_size={self.img_size}, vol_size={self.vol_size}, patch_size={self.patch_size}, "
                 f"tokens 2-D={pe.num_patches2}+1 / 3-D={pe.num_patches3}+1, dim={self.embed_dim}, "
                 f"depth={len(self.blocks)}, grad_weight={self.grad_weight:g}, volume_grad={self.volume_grad}")
+
+
+# ------------------------------------------------------------------------ the lesson's recipe (zoo entries)
+# notebooks/5_selfsup/uni4eye.ipynb and the chapter's compare read these. The two modalities are two views of the
+# same solids, as fundus photographs and OCT volumes are of the same eyes: shape_volumes (16^3, patch 4: 64 tokens)
+# and their maximum-intensity projections along depth (16 x 16: 16 tokens), where a shell and an ellipsoid are both
+# disks. Zoo entries uni4eye_<variant>_s<seed>: "uni" pre-trains on 2-D and 3-D batches in turn (the paper),
+# "2d" on the projections only (its ablation); same model, volumes, steps, lr, batch and seeds.
+ENCODER = dict(img_size=16, vol_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4,
+               decoder_dim=32, decoder_depth=2, decoder_heads=4)
+VARIANTS = {"uni": ("2d", "3d"), "2d": ("2d",)}  # the modality of each batch, in turn
+VIEW = dict(mode="max", axis=0)  # the 2-D modality: vitlab.data.volume_slices of the volume batch
+MASK_RATIO = 0.75
+PRETRAIN = dict(batch_size=64, lr=1.5e-3, weight_decay=0.05, warmup=0.1)
+PRETRAIN_STEPS = {"cpu": 3000, "gpu": 30000}
+SEEDS = (0, 1, 2)
+DATA = ("shape_volumes", dict(size=16))
+
+
+def uni4eye_model(num_classes: int = 0, img_size: int = 16, **kwargs) -> Uni4EyeMAE:
+    """The registry's builder (a dataset's ``num_classes`` does not apply; its ``img_size`` is the volume side)."""
+    kwargs.setdefault("vol_size", img_size)
+    return Uni4EyeMAE(img_size=ENCODER["img_size"], **kwargs)
+
+
+@torch.no_grad()
+def reconstruction_losses(model: Uni4EyeMAE, volumes: torch.Tensor, mask_ratio: float = MASK_RATIO,
+                          batch_size: int = 300) -> dict:
+    """Image and gradient-map losses on the removed patches, for the volumes and for their 2-D views (``VIEW``),
+    with the masks of a fixed generator (seed 0): {"2d_image", "2d_grad", "3d_image", "3d_grad"}."""
+    from vitlab.data import volume_slices
+
+    if not isinstance(volumes, torch.Tensor) or volumes.ndim != 5:
+        raise ValueError(f"reconstruction_losses: volumes must be a tensor [N, C, D, H, W], got "
+                         f"{tuple(volumes.shape) if isinstance(volumes, torch.Tensor) else type(volumes).__name__}")
+    was_training = model.training
+    model.eval()
+    sums = {}
+    for kind in ("2d", "3d"):
+        g = torch.Generator().manual_seed(0)
+        for i in range(0, len(volumes), batch_size):
+            v = volumes[i:i + batch_size]
+            x = volume_slices(v, **VIEW) if kind == "2d" else v
+            _, parts, _ = model(x, mask_ratio, generator=g)
+            for term in ("image", "grad"):
+                sums[f"{kind}_{term}"] = sums.get(f"{kind}_{term}", 0.0) + parts[term].item() * len(v)
+    model.train(was_training)
+    return {k: v / len(volumes) for k, v in sums.items()}
+
+
+def uni4eye_objective(modalities=("2d", "3d"), mask_ratio: float = MASK_RATIO):
+    """Pre-training as a ``vitlab.zoo`` objective (registered as ``"uni4eye"``) on a volume dataset: step k trains
+    on modality ``modalities[k % len]``, the volume batch itself ("3d") or its 2-D view ("2d", ``VIEW``); the
+    checkpoint stores the test losses of both modalities (``reconstruction_losses``)."""
+    from vitlab import zoo
+    from vitlab.data import volume_slices
+
+    if not isinstance(modalities, (tuple, list)) or not modalities or any(m not in ("2d", "3d") for m in modalities):
+        raise ValueError(f"uni4eye_objective: modalities must be a non-empty sequence of '2d' / '3d', got "
+                         f"{modalities!r}")
+    modalities = tuple(modalities)
+    state = {"step": 0}
+
+    def step_fn(net, volumes, labels):
+        kind = modalities[state["step"] % len(modalities)]
+        state["step"] += 1
+        x = volume_slices(volumes, **VIEW) if kind == "2d" else volumes
+        return net(x, mask_ratio)[0], None
+
+    def metrics(model, train, val, test):
+        return {f"test_{k}": v for k, v in reconstruction_losses(model, test.images, mask_ratio).items()}
+
+    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+
+
+def entry_names() -> list[str]:
+    """Every zoo entry of the lesson, per variant and seed."""
+    return [f"uni4eye_{v}_s{s}" for v in VARIANTS for s in SEEDS]
+
+
+def _register() -> None:
+    from vitlab import zoo
+    from vitlab.models.registry import MODELS, register_model
+
+    if "uni4eye_shapes" in MODELS:  # re-imported
+        return
+    zoo.register_objective("uni4eye", uni4eye_objective)
+    register_model("uni4eye_shapes", uni4eye_model, **{k: v for k, v in ENCODER.items() if k != "img_size"})
+    source, kwargs = DATA
+    for variant, modalities in VARIANTS.items():
+        for seed in SEEDS:
+            zoo.register(f"uni4eye_{variant}_s{seed}", zoo.Recipe(
+                model="uni4eye_shapes", data=source, data_kwargs=dict(kwargs), fit=dict(PRETRAIN), seed=seed,
+                data_seed=0, objective="uni4eye", objective_kwargs=dict(modalities=list(modalities)),
+                per_profile={p: dict(steps=s) for p, s in PRETRAIN_STEPS.items()}, shares={"smoke": "cpu"}))
+
+
+_register()
