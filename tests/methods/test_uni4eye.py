@@ -342,3 +342,20 @@ def test_reconstruction_losses_cover_both_modalities():
     assert all(again[k] == pytest.approx(v, rel=1e-5) for k, v in out.items())
     with pytest.raises(ValueError, match="volumes"):
         U.reconstruction_losses(m, torch.rand(2, 1, 16, 16))
+
+
+def test_the_objective_on_a_dataset_of_images():
+    from vitlab.methods.selfsup import uni4eye as U
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, mask_ratio):
+            seen.append(tuple(x.shape))
+            return x.sum(), {}, None
+
+    imgs = torch.rand(2, 1, 8, 8)
+    U.uni4eye_objective(("2d",)).step_fn(Spy(), imgs, None)
+    assert seen == [(2, 1, 8, 8)]  # the images themselves
+    with pytest.raises(ValueError, match="no '3d' modality"):
+        U.uni4eye_objective(("3d",)).step_fn(Spy(), imgs, None)

@@ -426,10 +426,20 @@ def uni4eye_objective(modalities=("2d", "3d"), mask_ratio: float = MASK_RATIO):
     def step_fn(net, volumes, labels):
         kind = modalities[state["step"] % len(modalities)]
         state["step"] += 1
+        if volumes.ndim == 4:  # a dataset of images (the chapter's compare): "2d" is the image itself
+            if kind != "2d":
+                raise ValueError("uni4eye_objective: a dataset of images has no '3d' modality")
+            return net(volumes, mask_ratio)[0], None
         x = volume_slices(volumes, **VIEW) if kind == "2d" else volumes
         return net(x, mask_ratio)[0], None
 
     def metrics(model, train, val, test):
+        if test.images.ndim == 4:
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                model.eval()
+                _, parts, _ = model(test.images, mask_ratio, generator=g)
+            return {"test_2d_image": parts["image"].item(), "test_2d_grad": parts["grad"].item()}
         return {f"test_{k}": v for k, v in reconstruction_losses(model, test.images, mask_ratio).items()}
 
     return zoo.Objective(step_fn=step_fn, metrics=metrics)
