@@ -1,5 +1,6 @@
 """zoo: trains once, loads with weights_only, never trusts a truncated file, and two racing processes
 produce one valid file."""
+import json
 import multiprocessing as mp
 from pathlib import Path
 
@@ -382,3 +383,25 @@ def test_an_unregistered_objective_is_named(pretraining, monkeypatch):
                                                        objective="nope"))
     with pytest.raises(ValueError, match="needs the objective 'nope', which is not registered"):
         zoo.get("t_nobj", "smoke", progress=False)
+
+
+def test_measured_is_computed_once_per_checkpoint(ckpts):
+    calls = []
+
+    def fn(model, profile):
+        calls.append(profile.name)
+        return {"n_params": sum(p.numel() for p in model.parameters())}
+
+    first = zoo.measured(zh.NAME, "size", fn, "smoke")
+    assert zoo.measured(zh.NAME, "size", fn, "smoke") == first and calls == ["smoke"]  # read from the cache
+    cache = zh.checkpoint(ckpts).with_suffix(".size.json")
+    assert cache.exists() and json.loads(cache.read_text())["values"] == first
+    cache.write_text(cache.read_text().replace(zoo.get(zh.NAME, "smoke", return_info=True, progress=False)[1]
+                                               ["sha256"], "0" * 64))  # as if the checkpoint were retrained
+    assert zoo.measured(zh.NAME, "size", fn, "smoke") == first and len(calls) == 2
+    with pytest.raises(ValueError, match="key"):
+        zoo.measured(zh.NAME, "../x", fn, "smoke")
+    with pytest.raises(TypeError, match="fn"):
+        zoo.measured(zh.NAME, "size", 3, "smoke")
+    with pytest.raises(TypeError, match="dict"):
+        zoo.measured(zh.NAME, "other", lambda m, p: 1.0, "smoke")

@@ -247,6 +247,43 @@ def _start_from(model, base) -> None:
         model.load_state_dict(base.state_dict(), strict=True)
 
 
+def measured(name: str, key: str, fn, profile: Profile | str | None = None) -> dict:
+    """``fn(model, profile) -> {str: float}`` for the zoo entry ``name``, computed once per checkpoint and cached
+    beside it in ``<name>-<profile>.<key>.json`` with the weights' hash: a retrained checkpoint measures again. For
+    numbers that cost more than a notebook's smoke budget (probes over many checkpoints): the cpu run writes them,
+    CI reads them. ``profile`` given to ``fn`` is the checkpoint's (smoke shares cpu's): ``fn`` loads its data with
+    it, so the cached numbers are the checkpoint profile's whoever computes them. ``key`` names the measurement:
+    change it when ``fn`` changes (the cache cannot see code)."""
+    import json
+    import re
+    import tempfile
+
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        raise ValueError(f"zoo.measured: key must be a non-empty name of letters, digits, '_' or '-', got {key!r}")
+    if not callable(fn):
+        raise TypeError(f"zoo.measured: fn must be callable (model -> dict), got {type(fn).__name__}")
+    model, info = get(name, profile, progress=False, return_info=True)
+    path = Path(info["path"]).with_suffix(f".{key}.json")
+    if path.exists():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("sha256") == info["sha256"] and isinstance(cached.get("values"), dict):
+                return cached["values"]
+        except (OSError, ValueError):
+            pass  # unreadable: measure again and overwrite
+    values = fn(model, get_profile(_recipe(name).checkpoint_profile(get_profile(profile).name)))
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise TypeError(f"zoo.measured: fn must return a dict with str keys, got {type(values).__name__}")
+    values = {k: float(v) for k, v in values.items()}
+    if _writable(path.parent):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"name": name, "key": key, "sha256": info["sha256"], "values": values}, f, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+    return values
+
+
 def plateau_gain(val_acc: list[float]) -> float:
     """How much val accuracy still rose over the last quarter of the epochs: the best of that quarter minus the
     best before it. Near zero (or negative) means more epochs would not have helped: the model has plateaued."""

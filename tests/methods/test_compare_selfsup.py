@@ -61,3 +61,13 @@ def test_bad_input():
         C.representation(torch.nn.Linear(2, 2), torch.rand(2, 16))
     with pytest.raises(TypeError, match="no encoder known"):
         C.representation(torch.nn.Linear(2, 2), torch.rand(2, 1, 16, 16))
+
+
+def test_measure_reads_probe_reconstruction_and_codes(monkeypatch):
+    import vitlab.probe
+
+    monkeypatch.setattr(vitlab.probe, "linear_probe", lambda *a, **k: {"acc": 0.5})  # the probe has its own tests
+    torch.manual_seed(0)
+    out = C.measure(create_model(C.METHODS["vitvq"][0], num_classes=10), "smoke")
+    assert out["probe"] == 0.5 and set(out) == {"probe", "full", "used", "perplexity"}
+    assert set(C.measure(create_model(C.METHODS["mae"][0], num_classes=10), "smoke")) == {"probe", "masked"}

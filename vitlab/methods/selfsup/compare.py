@@ -30,7 +30,7 @@ from vitlab.models import VisionTransformer
 from vitlab.models.registry import MODELS, register_model
 
 __all__ = ["DATA", "BUDGET", "STEPS", "SEEDS", "METHODS", "FINETUNE", "LABELLED", "pretrained_name",
-           "finetuned_name", "representation", "image_losses"]
+           "finetuned_name", "representation", "image_losses", "measure", "MEASURE_KEY"]
 
 DATA = H.DATA  # mnist5k at 16 px
 BUDGET = dict(H.TRAIN)  # batch 64, lr 1e-3, weight decay 1e-4, warm-up 5 %, grad clip 1
@@ -126,6 +126,30 @@ def image_losses(model, images: torch.Tensor, batch_size: int = 500) -> dict:
     model.train(was_training)
     kind = "masked" if isinstance(model, (MaskedAutoencoder, Uni4EyeMAE)) else "full"
     return {kind: total / n}
+
+
+MEASURE_KEY = "ch5compare-v1"  # zoo.measured's cache key for ``measure``: change it when ``measure`` changes
+
+
+def measure(model, profile=None) -> dict:
+    """Everything the comparison reads off one pre-trained model, on ``profile``'s digits: ``probe`` (linear-probe
+    test accuracy on ``representation``, all training digits), its reconstruction (``image_losses``) and, for a VQ
+    tokenizer, ``used`` and ``perplexity`` of its codes on the test digits. Cached per checkpoint by the notebook
+    through ``zoo.measured(name, MEASURE_KEY, measure)``."""
+    from vitlab import data as vdata
+    from vitlab.methods.selfsup.vit_vqgan import tokenizer_metrics
+    from vitlab.probe import linear_probe
+
+    source, kwargs = DATA
+    train, test = (vdata.load(source, split, profile, **kwargs) for split in ("train", "test"))
+    out = {"probe": linear_probe(representation(model, train.images), train.labels,
+                                 representation(model, test.images), test.labels, epochs=200, lr=0.05,
+                                 seed=0)["acc"],
+           **image_losses(model, test.images)}
+    if isinstance(model, ViTVQGAN):
+        t = tokenizer_metrics(model, test)
+        out.update(used=t["used"], perplexity=t["perplexity"])
+    return out
 
 
 def _register() -> None:
