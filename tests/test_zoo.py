@@ -262,6 +262,17 @@ if FT not in zoo.ZOO:
                                 fit=dict(steps=2, lr=1e-4, shift=0, batch_size=64, seed=3)))
 
 
+def _get_after_the_base_changes(ckpts, name):
+    """zoo.get(name) after the test base is retrained under another recipe (then the base's recipe is restored)."""
+    zh.checkpoint(ckpts).unlink()
+    zoo.ZOO[zh.NAME] = zoo.Recipe(model="vit_nano", data="digits8", fit=dict(epochs=1, lr=2e-3, shift=0, batch_size=64))
+    try:
+        zoo.get(name, "smoke", progress=False)
+    finally:
+        zoo.ZOO[zh.NAME] = zoo.Recipe(model="vit_nano", data="digits8",
+                                      fit=dict(epochs=1, lr=1e-3, shift=0, batch_size=64))
+
+
 def test_finetune_starts_from_its_base_and_follows_it(ckpts):
     base = zoo.get(zh.NAME, "smoke", progress=False)
     tuned, info = zoo.get(FT, "smoke", progress=False, return_info=True)
@@ -270,14 +281,7 @@ def test_finetune_starts_from_its_base_and_follows_it(ckpts):
     moved = max((a - b).abs().max().item() for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
     assert 0 < moved < 0.01
     with pytest.warns(UserWarning, match="another recipe"):  # a different base: the fine-tune is not trusted
-        zh.checkpoint(ckpts).unlink()
-        zoo.ZOO[zh.NAME] = zoo.Recipe(model="vit_nano", data="digits8",
-                                      fit=dict(epochs=1, lr=2e-3, shift=0, batch_size=64))
-        try:
-            zoo.get(FT, "smoke", progress=False)
-        finally:
-            zoo.ZOO[zh.NAME] = zoo.Recipe(model="vit_nano", data="digits8",
-                                          fit=dict(epochs=1, lr=1e-3, shift=0, batch_size=64))
+        _get_after_the_base_changes(ckpts, FT)
 
 
 USER = "test_uses_digits8"
@@ -291,14 +295,7 @@ def test_an_entry_that_uses_another_retrains_with_it(ckpts):
     _, info = zoo.get(USER, "smoke", progress=False, return_info=True)
     assert info["config"]["uses"] == {zh.NAME: zoo.state_hash(base.state_dict())}
     with pytest.warns(UserWarning, match="another recipe"):  # the entry it reads changed: not trusted
-        zh.checkpoint(ckpts).unlink()
-        zoo.ZOO[zh.NAME] = zoo.Recipe(model="vit_nano", data="digits8",
-                                      fit=dict(epochs=1, lr=2e-3, shift=0, batch_size=64))
-        try:
-            zoo.get(USER, "smoke", progress=False)
-        finally:
-            zoo.ZOO[zh.NAME] = zoo.Recipe(model="vit_nano", data="digits8",
-                                          fit=dict(epochs=1, lr=1e-3, shift=0, batch_size=64))
+        _get_after_the_base_changes(ckpts, USER)
     with pytest.raises(ValueError, match="must be a tuple of registered entries"):
         zoo.register("t_bad_uses", zoo.Recipe(model="vit_nano", data="digits8", uses=("no_such_entry",)))
     with pytest.raises(ValueError, match="must be a tuple of registered entries"):
