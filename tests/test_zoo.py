@@ -309,6 +309,25 @@ def test_register_rejects_an_unknown_or_mismatched_init():
         zoo.register("t_bad_init", zoo.Recipe(model="vit_tiny", data="digits8", init=zh.NAME))  # a vit_nano base
 
 
+def test_a_model_that_extends_the_base_config_may_start_from_it():
+    """A model registered as the base's config plus arguments that hold no weights (an attention temperature)
+    fine-tunes from the base: the registration accepts it and the strict load at training time checks the rest."""
+    from vitlab.models import registry
+    from vitlab.models.vit import VisionTransformer as ViT
+
+    def hotter(temperature=1.0, **kw):
+        return ViT(**kw)
+
+    registry.register_model("t_vit_nano_hot", hotter, temperature=2.0, **registry.MODELS["vit_nano"])
+    try:
+        zoo.register("t_hot_init", zoo.Recipe(model="t_vit_nano_hot", data="digits8", init=zh.NAME))
+        assert zoo.ZOO["t_hot_init"].init == zh.NAME
+    finally:
+        zoo.ZOO.pop("t_hot_init", None)
+        registry.MODELS.pop("t_vit_nano_hot", None)
+        registry._BUILDERS.pop("t_vit_nano_hot", None)
+
+
 def test_state_hash_covers_batchnorm_counters_and_keeps_old_hashes():
     """A 0-dim tensor (BatchNorm's num_batches_tracked) hashes, and changes the hash when it changes; the hash of a
     committed checkpoint without one is what it was when it was written."""

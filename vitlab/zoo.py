@@ -113,6 +113,16 @@ def register_objective(name: str, factory) -> None:
     OBJECTIVES[name] = factory
 
 
+def _same_weights(base_model: str, model: str) -> bool:
+    """Whether ``model`` is ``base_model``'s registered config plus arguments of its own (an attention temperature
+    that changes the computation, not the weights): a fine-tune may start from it; the strict state-dict load of
+    the training then checks the weights really match."""
+    from vitlab.models.registry import MODELS
+
+    base, cfg = MODELS.get(base_model), MODELS.get(model)
+    return base is not None and cfg is not None and all(k in cfg and cfg[k] == v for k, v in base.items())
+
+
 def register(name: str, recipe: Recipe) -> None:
     if name in ZOO:
         raise ValueError(f"zoo.register: {name!r} is already registered")
@@ -121,9 +131,10 @@ def register(name: str, recipe: Recipe) -> None:
     if recipe.init is not None and recipe.init not in ZOO:
         raise ValueError(f"zoo.register: {name!r} starts from {recipe.init!r}, which must be a registered entry")
     if recipe.init is not None and ZOO[recipe.init].model != recipe.model \
-            and ZOO[recipe.init].objective is None:
+            and ZOO[recipe.init].objective is None and not _same_weights(ZOO[recipe.init].model, recipe.model):
         raise ValueError(f"zoo.register: {name!r} starts from {recipe.init!r}, which must be a registered "
-                         f"{recipe.model!r} entry (or a pre-training, whose encoder it takes)")
+                         f"{recipe.model!r} entry (or a pre-training, whose encoder it takes, or a model whose "
+                         f"registered config {recipe.model!r} extends)")
     ZOO[name] = recipe
 
 

@@ -142,7 +142,8 @@ class Attention(nn.Module):
                      "diag": probs.diagonal(dim1=-2, dim2=-1)}
             sides = {s: sides[s] for s in side}
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
+            # scale=self.scale: a lesson that changes it (an attention temperature) changes every path alike
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale,
                                                  dropout_p=self.attn_drop.p if self.training else 0.0)
             sides = {}
             if side:  # only the CLS row: one query against all keys, O(N) not O(N²)
