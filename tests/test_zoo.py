@@ -394,6 +394,27 @@ def test_a_multilabel_entry_records_mean_auc(pretraining):
     assert len(info["history"]["val_auc"]) == len(info["history"]["epoch"])
 
 
+def test_a_classifying_objective_records_the_val_curve_and_plateau(pretraining, monkeypatch):
+    """A classifier trained with another loss (here: cross-entropy plus a weight penalty) is scored on val every
+    epoch: its entry stores the classification metrics, plateau_gain included, and the objective's own."""
+    import torch.nn.functional as F
+
+    def objective(weight=0.1):
+        def step_fn(net, x, y):
+            logits = net(x)
+            return F.cross_entropy(logits, y) + weight * net.head.weight.pow(2).sum(), logits
+
+        return zoo.Objective(step_fn=step_fn, metrics=lambda model, train, val, test: {"head_norm": 1.0},
+                             classifies=True)
+
+    monkeypatch.setitem(zoo.OBJECTIVES, "t_penalised", objective)
+    monkeypatch.setitem(zoo.ZOO, "t_penalised_digits8", zoo.Recipe(
+        model="t_mae_vit", data="digits8", fit=dict(steps=4, lr=1e-3, batch_size=32), objective="t_penalised"))
+    _, info = zoo.get("t_penalised_digits8", "smoke", progress=False, return_info=True)
+    assert {"train_acc", "val_acc", "test_acc", "plateau_gain", "head_norm", "train_seconds"} == set(info["metrics"])
+    assert len(info["history"]["val_acc"]) == len(info["history"]["epoch"])
+
+
 def test_an_unregistered_objective_is_named(pretraining, monkeypatch):
     monkeypatch.setitem(zoo.ZOO, "t_nobj", zoo.Recipe(model="t_mae", data="digits8", fit=dict(steps=1),
                                                        objective="nope"))

@@ -94,10 +94,14 @@ ZOO: dict[str, Recipe] = {}
 
 @dataclass(frozen=True)
 class Objective:
-    """A training objective other than classification: ``step_fn(net, images, labels) -> (loss, None)`` for
-    ``fit``, and ``metrics(model, train, val, test) -> dict`` of floats stored with the checkpoint."""
+    """A training objective other than plain classification: ``step_fn(net, images, labels) -> (loss, None)`` for
+    ``fit``, and ``metrics(model, train, val, test) -> dict`` of floats stored with the checkpoint. With
+    ``classifies``, the model is a classifier trained with another loss (cross-entropy plus a regulariser): its
+    ``step_fn`` returns (loss, logits), ``fit`` scores it on val every epoch, and the entry records the
+    classification metrics (train / val / test accuracy, ``plateau_gain``) besides the objective's own."""
     step_fn: Any
     metrics: Any
+    classifies: bool = False
 
 
 # name -> factory(**Recipe.objective_kwargs) -> Objective. A module registers its objective where it defines it
@@ -209,7 +213,7 @@ def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
     from . import data as vdata
     from .models import create_model, model_config
     from .seed import seed_everything
-    from .train import evaluate, fit
+    from .train import fit
 
     cfg = _config(recipe, P)
     data_profile = P if cfg["max_train"] == "profile" else P.replace(max_train=cfg["max_train"])
@@ -232,21 +236,30 @@ def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
             raise ValueError(f"zoo: {name!r} needs the objective {recipe.objective!r}, which is not registered "
                              f"(import its module); registered: {sorted(OBJECTIVES)}")
         objective = OBJECTIVES[recipe.objective](**recipe.objective_kwargs)
-        history = fit(model, train, None, profile=P, progress=progress, desc=f"zoo {name}",
-                      step_fn=objective.step_fn, **fit_kwargs)
-        metrics = {**objective.metrics(model, train, val, test), "train_seconds": history["seconds"][-1]}
+        history = fit(model, train, val if objective.classifies else None, profile=P, progress=progress,
+                      desc=f"zoo {name}", step_fn=objective.step_fn, **fit_kwargs)
+        metrics = {**(_classification_metrics(model, train, test, history) if objective.classifies else {}),
+                   **objective.metrics(model, train, val, test), "train_seconds": history["seconds"][-1]}
     else:
         history = fit(model, train, val, profile=P, progress=progress, desc=f"zoo {name}", **fit_kwargs)
-        scored = evaluate(model, test)
-        metrics = {"train_acc": evaluate(model, train)["acc"], "val_acc": history["val_acc"][-1],
-                   "test_acc": scored["acc"], "train_seconds": history["seconds"][-1],
-                   "plateau_gain": plateau_gain(history["val_acc"])}
-        if "val_auc" in history:  # multi-label: mean ROC AUC is the score, and what must plateau
-            metrics.update(val_auc=history["val_auc"][-1], test_auc=scored["auc"],
-                           plateau_gain=plateau_gain(history["val_auc"]))
+        metrics = _classification_metrics(model, train, test, history)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {"format": FORMAT, "name": name, "config": cfg, "model_config": model_config(recipe.model, data=train),
             "state_dict": state, "sha256": state_hash(state), "metrics": metrics, "history": history}
+
+
+def _classification_metrics(model, train, test, history: dict) -> dict:
+    """Train / val / test accuracy, training time and ``plateau_gain`` (mean AUC instead for multi-label data)."""
+    from .train import evaluate
+
+    scored = evaluate(model, test)
+    metrics = {"train_acc": evaluate(model, train)["acc"], "val_acc": history["val_acc"][-1],
+               "test_acc": scored["acc"], "train_seconds": history["seconds"][-1],
+               "plateau_gain": plateau_gain(history["val_acc"])}
+    if "val_auc" in history:  # multi-label: mean ROC AUC is the score, and what must plateau
+        metrics.update(val_auc=history["val_auc"][-1], test_auc=scored["auc"],
+                       plateau_gain=plateau_gain(history["val_auc"]))
+    return metrics
 
 
 def _start_from(model, base) -> None:

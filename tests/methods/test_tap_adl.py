@@ -218,8 +218,8 @@ def test_objective_metrics_on_toy_data():
     obj = T.adl_objective()
     model = T.tap_adl_vit(**TINY).eval()
     metrics = obj.metrics(model, data, data, data)
-    assert set(metrics) == {"train_acc", "val_acc", "test_acc", "test_adl"}
-    assert 0.0 <= metrics["test_adl"] <= 1.0 and metrics["train_acc"] == metrics["test_acc"]
+    assert obj.classifies, "the zoo scores it on val every epoch (plateau_gain), as the control"
+    assert set(metrics) == {"test_adl"} and 0.0 <= metrics["test_adl"] <= 1.0
 
 
 def test_zoo_entries_follow_chapter_ones_recipe():

@@ -44,10 +44,9 @@ cpu checkpoint). The control is chapter 1's plain ViT, ``ch1_vit_digits_s<seed>`
 
 How a zoo entry trains with CE + ADL: the zoo's only way to give ``fit`` a ``step_fn`` is a registered objective
 (``zoo.register_objective``), so this module registers the objective ``"adl"`` (``adl_objective``: ``adl_step``'s
-CE + weight ADL, and metrics ``train_acc`` / ``val_acc`` / ``test_acc`` / ``test_adl``). The zoo trains an objective
-with ``val=None``, so those entries have no per-epoch validation curve and no ``plateau_gain``; their plateau check
-is ``vitlab.stats.late_loss_drop(info["history"]["train_loss"])``. The "tap" entries take the zoo's classification
-route (no objective), so they have ``plateau_gain`` like the control. With the same seed, the ViT part of a TAP
+CE + weight ADL). It is a classifying objective (``zoo.Objective(classifies=True)``): the zoo scores it on val every
+epoch, so every entry, like the control, stores train / val / test accuracy, its val curve and ``plateau_gain``,
+plus ``test_adl``. The "tap" entries take the zoo's plain classification route. With the same seed, the ViT part of a TAP
 model starts from the same weights as the control's (the TAP modules are created after it).
 
 Our reading, and every deviation from the official code, named:
@@ -314,17 +313,15 @@ def _mean_adl(model: VisionTransformer, data, threshold: float, batch_size: int 
 
 def adl_objective(weight: float = ADL_WEIGHT, threshold: float = THRESHOLD,
                   label_smoothing: float = R.TRAIN["label_smoothing"]):
-    """The zoo objective ``"adl"``: trains with ``adl_step``; the checkpoint stores ``train_acc`` / ``val_acc`` /
-    ``test_acc`` (``vitlab.train.evaluate``, no augmentation) and ``test_adl``, the final model's ADL on the test
-    images. No ``plateau_gain`` (the zoo trains an objective without a per-epoch val)."""
+    """The zoo objective ``"adl"``: a classifier trained with ``adl_step`` (``classifies``: the zoo scores it on val
+    every epoch and stores the accuracies and ``plateau_gain`` as for the control) plus ``test_adl``, the final
+    model's ADL on the test images."""
     from vitlab import zoo
-    from vitlab.train import evaluate
 
     def metrics(model, train, val, test):
-        return {"train_acc": evaluate(model, train)["acc"], "val_acc": evaluate(model, val)["acc"],
-                "test_acc": evaluate(model, test)["acc"], "test_adl": _mean_adl(model, test, threshold)}
+        return {"test_adl": _mean_adl(model, test, threshold)}
 
-    return zoo.Objective(step_fn=adl_step(weight, threshold, label_smoothing), metrics=metrics)
+    return zoo.Objective(step_fn=adl_step(weight, threshold, label_smoothing), metrics=metrics, classifies=True)
 
 
 # ----------------------------------------------------------------------------------------------- zoo entries
