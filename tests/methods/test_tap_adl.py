@@ -266,3 +266,15 @@ def test_zoo_entries_follow_chapter_ones_recipe():
 def test_bad_input_names_the_argument(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+def test_measure_reads_clean_adl_and_every_corruption():
+    from vitlab.data import CORRUPTIONS
+    from vitlab.models import create_model
+
+    vit = create_model("ch6_tapadl_tap", depth=1)  # one TAP block on 28-px digits: quick
+    out = T.measure(vit, "smoke")
+    assert set(out) == {"clean", "adl", *(f"acc_{k}_{s}" for k in CORRUPTIONS for s in range(1, 6))}
+    assert 0 <= out["adl"] <= 1 and all(0 <= v <= 1 for v in out.values())
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        T.measure(torch.nn.Linear(2, 2))

@@ -93,7 +93,7 @@ from vitlab.models.vit import Block, VisionTransformer
 
 __all__ = ["DilatedAvgPooling", "DilationPredictor", "TokenAwarePooling", "TAPBlock", "tap_adl_vit",
            "attention_diversification_loss", "adl_step", "adl_objective", "VARIANTS", "NUM_SCALES", "THRESHOLD",
-           "ADL_WEIGHT", "SEEDS", "model_name", "entry_name"]
+           "ADL_WEIGHT", "SEEDS", "model_name", "entry_name", "measure", "MEASURE_KEY"]
 
 NUM_SCALES = 4  # official --num-scales: dilations 0 (identity), 1, 2, 3; on the 7 x 7 digit grid 3 still fits
 THRESHOLD = 2.0  # official --threshold: attention above 2 / N (twice the uniform share) counts
@@ -322,6 +322,32 @@ def adl_objective(weight: float = ADL_WEIGHT, threshold: float = THRESHOLD,
         return {"test_adl": _mean_adl(model, test, threshold)}
 
     return zoo.Objective(step_fn=adl_step(weight, threshold, label_smoothing), metrics=metrics, classifies=True)
+
+
+MEASURE_KEY = "tapadl-v1"  # zoo.measured's key for ``measure``: change it when ``measure`` changes
+
+
+def measure(model: VisionTransformer, profile=None) -> dict:
+    """What the lesson reads off one trained model, on chapter 1's digit test set: ``clean`` accuracy, ``adl`` (the
+    attention diversification loss of its attention, threshold ``THRESHOLD``: how alike the tokens' attention
+    vectors are) and ``acc_<kind>_<severity>`` under every ``vitlab.data.corrupt`` kind at severities 1..5. Cached
+    per checkpoint by the notebook through ``zoo.measured(name, MEASURE_KEY, measure)``."""
+    from vitlab.data import CORRUPTIONS, corrupt
+    from vitlab.train import evaluate
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"measure: model must be a course VisionTransformer, got {type(model).__name__}")
+    _, _, test = R.data("digits", profile)
+    model.eval()
+    out = {"clean": evaluate(model, test)["acc"], "adl": _mean_adl(model, test, THRESHOLD)}
+    patch = model.patch_embed.patch_size
+    for kind in CORRUPTIONS:
+        for severity in range(1, 6):
+            x = corrupt(test.images, kind, severity, seed=0, patch_size=patch)
+            with torch.no_grad():
+                pred = torch.cat([model(x[i:i + 500]).argmax(-1) for i in range(0, len(x), 500)])
+            out[f"acc_{kind}_{severity}"] = (pred == test.labels).float().mean().item()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- zoo entries
