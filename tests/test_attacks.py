@@ -90,3 +90,13 @@ def test_bad_input_names_the_argument():
         fooling_rate(model, x, x[:2], y)
     with pytest.raises(TypeError, match="model"):
         fooling_rate("vit", x, x, y)
+
+
+def test_a_custom_loss_is_ascended_instead_of_the_cross_entropy():
+    # loss = the sum of the pixels: one signed step of size eps brightens every pixel by eps (clamped to 1)
+    model, (x, y) = tiny_vit(), _batch()
+    adv = pgd(model, x, y, eps=0.1, steps=1, step_size=0.1, random_start=False,
+              loss_fn=lambda a, clean, labels: a.sum())
+    assert torch.allclose(adv, (x + 0.1).clamp(max=1))
+    with pytest.raises(TypeError, match="loss_fn"):
+        pgd(model, x, y, eps=0.1, steps=1, loss_fn="cosine")

@@ -309,3 +309,15 @@ def test_mnist5k_shrinks_to_img_size():
     for bad in (3, 29, 16.0, True):
         with pytest.raises(ValueError, match="img_size"):
             data.load("mnist5k", "test", CPU, img_size=bad)
+
+
+def test_digits8_enlarges_to_img_size():
+    small, big = data.load("digits8", "test", CPU), data.load("digits8", "test", CPU, img_size=28)
+    assert big.images.shape == (360, 1, 28, 28) and torch.equal(big.labels, small.labels)
+    assert 0 <= big.images.min() and big.images.max() <= 1
+    # shrunk back, the enlarged digits are (blurred) 8-px ones: far closer to them than to another digit
+    back = torch.nn.functional.adaptive_avg_pool2d(big.images, 8)
+    assert (back - small.images).abs().mean() < 0.5 * (back - small.images.roll(1, dims=0)).abs().mean()
+    for bad in (7, 65, 28.0, True):
+        with pytest.raises(ValueError, match="digits8: img_size"):
+            data.load("digits8", "test", CPU, img_size=bad)

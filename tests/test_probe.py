@@ -124,3 +124,22 @@ def test_bad_input():
         param_groups_lrd(vit, layer_decay=1.5)
     with pytest.raises(ValueError, match="layer_decay or optimizer"):
         finetune(vit, (x, torch.zeros(2, dtype=torch.long)), layer_decay=0.75, optimizer="adamw")
+
+
+def test_partial_optimizer_trains_only_the_named_parameters():
+    from tests.model_helpers import tiny_vit, toy_train
+    from vitlab.probe import partial_optimizer
+    from vitlab.train import fit
+
+    vit = tiny_vit()
+    before = {n: p.detach().clone() for n, p in vit.named_parameters()}
+    fit(vit, toy_train(32), steps=3, batch_size=16, lr=1e-2, optimizer=partial_optimizer(("blocks.1.", "head.")),
+        progress=False)
+    changed = {n for n, p in vit.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("blocks.1.", "head.")) for n in changed)
+    assert "head.weight" in changed and "blocks.1.attn.qkv.weight" in changed
+    with pytest.raises(ValueError, match="no parameter of the model starts with"):
+        fit(tiny_vit(), toy_train(32), steps=1, batch_size=16, optimizer=partial_optimizer(("decoder.",)),
+            progress=False)
+    with pytest.raises(ValueError, match="trainable"):
+        partial_optimizer("head.")

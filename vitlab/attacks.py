@@ -55,12 +55,14 @@ def patch_mask(images: Tensor, patch_size: int, *, seed: int = 0, patches: int =
 
 def pgd(model: nn.Module, images: Tensor, labels: Tensor, *, eps: float, steps: int, step_size: float | None = None,
         mask: Tensor | None = None, random_start: bool = True, seed: int = 0, batch_size: int = 500,
-        return_losses: bool = False):
+        return_losses: bool = False, loss_fn=None):
     """Untargeted L∞ PGD: adversarial copies of ``images`` [N, C, H, W] in [0, 1] that raise ``model``'s
     cross-entropy on ``labels``. ``step_size`` defaults to 2.5 ε / steps (Madry et al.); ``random_start`` begins at
     a uniform point of the ε-ball (seeded by ``seed``); ``mask`` [N or 1, 1 or C, H, W] (bool) confines every change
     to its True pixels. The model runs in eval mode and its parameters get no gradient. With ``return_losses`` also
-    returns the mean loss before each step and after the last, [steps + 1] (the ascent the attack made)."""
+    returns the mean loss before each step and after the last, [steps + 1] (the ascent the attack made).
+    ``loss_fn(adversarial, clean, labels) -> the batch's summed loss`` replaces the cross-entropy: what the attack
+    ascends when it has no classifier to fool (a feature-space attack on a pre-trained encoder)."""
     fn = "pgd"
     check_model(model, fn)
     _check_images(images, fn)
@@ -71,6 +73,11 @@ def pgd(model: nn.Module, images: Tensor, labels: Tensor, *, eps: float, steps: 
     if step_size is None:
         step_size = 2.5 * eps / steps
     check_number(step_size, "step_size", fn, low=0, low_open=True)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"pgd: loss_fn must be callable (adversarial, clean, labels) -> loss, got {type(loss_fn).__name__}")
+    if loss_fn is None:
+        def loss_fn(adv, clean, y):
+            return F.cross_entropy(model(adv), y, reduction="sum")
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.ndim != 4 or \
                 mask.shape[-2:] != images.shape[-2:] or mask.shape[0] not in (1, len(images)) or \
@@ -94,10 +101,10 @@ def pgd(model: nn.Module, images: Tensor, labels: Tensor, *, eps: float, steps: 
                 delta = (x0 + (delta if allowed is None else delta * allowed)).clamp(0, 1) - x0  # project
                 if t == steps:
                     with torch.no_grad():
-                        losses[t] += F.cross_entropy(model(x0 + delta), y, reduction="sum").item()
+                        losses[t] += loss_fn(x0 + delta, x0, y).item()
                     break
                 delta.requires_grad_(True)
-                loss = F.cross_entropy(model(x0 + delta), y, reduction="sum")
+                loss = loss_fn(x0 + delta, x0, y)
                 (grad,) = torch.autograd.grad(loss, delta)
                 losses[t] += loss.item()
                 delta = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from vitlab.checks import check_choice, check_int, check_model, check_number
 
-__all__ = ["features", "Standardize", "linear_probe", "param_groups_lrd", "layer_decay_optimizer", "finetune"]
+__all__ = ["features", "Standardize", "linear_probe", "param_groups_lrd", "layer_decay_optimizer", "partial_optimizer",
+           "finetune"]
 
 
 def _images(data, fn: str) -> torch.Tensor:
@@ -214,6 +215,31 @@ def layer_decay_optimizer(layer_decay: float):
             g["lr"] = lr * g["lr_scale"]
             del g["names"]
         return torch.optim.AdamW(groups, lr=lr)
+    return make
+
+
+def partial_optimizer(trainable) -> callable:
+    """An ``optimizer=`` factory for ``vitlab.train.fit`` that trains only the parameters whose names start with one
+    of ``trainable`` (e.g. ``("head.",)``: a linear probe of the whole network; ``("blocks.2.", "blocks.3.", "norm.",
+    "head.")``: the last two blocks). The others are frozen (``requires_grad=False``, so they get no gradient and
+    do not count in gradient clipping); timm's AdamW groups over the rest (no decay on biases and norms)."""
+    if isinstance(trainable, str) or not isinstance(trainable, (tuple, list)) or not trainable or \
+            not all(isinstance(p, str) and p for p in trainable):
+        raise ValueError(f"partial_optimizer: trainable must be a non-empty list of parameter-name prefixes, got "
+                         f"{trainable!r}")
+    prefixes = tuple(trainable)
+
+    def make(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        from vitlab.train import make_optimizer
+
+        names = [n for n, _ in model.named_parameters()]
+        unmatched = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+        if unmatched:
+            raise ValueError(f"partial_optimizer: no parameter of the model starts with {unmatched}; "
+                             f"its parameters start with {sorted({n.split('.')[0] + '.' for n in names})}")
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(prefixes))
+        return make_optimizer(model, "adamw", lr, weight_decay)
     return make
 
 

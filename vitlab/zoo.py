@@ -231,6 +231,10 @@ def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
         from .probe import layer_decay_optimizer
 
         fit_kwargs["optimizer"] = layer_decay_optimizer(fit_kwargs.pop("layer_decay"))
+    if "trainable" in fit_kwargs:  # a partial fine-tune (a linear probe, the last blocks): the rest stays frozen
+        from .probe import partial_optimizer
+
+        fit_kwargs["optimizer"] = partial_optimizer(fit_kwargs.pop("trainable"))
     if recipe.objective is not None:  # self-supervised: no labels to score, the objective measures itself
         if recipe.objective not in OBJECTIVES:
             raise ValueError(f"zoo: {name!r} needs the objective {recipe.objective!r}, which is not registered "

@@ -73,6 +73,17 @@ def mnist5k(split: str = "train", *, img_size: int = 28) -> ImageDataset:
     return ImageDataset(small, ds.labels, name="mnist5k", split=split, classes=ds.classes)
 
 
-def digits8(split: str = "train") -> ImageDataset:
-    """scikit-learn's 1,797 digits, 8x8x1 (0..16 scaled to [0,1]): train 1257 / val 180 / test 360."""
-    return _split("digits8", split)
+def digits8(split: str = "train", *, img_size: int = 8) -> ImageDataset:
+    """scikit-learn's 1,797 digits, 8x8x1 (0..16 scaled to [0,1]): train 1257 / val 180 / test 360.
+
+    ``img_size`` > 8 enlarges them (bilinear, clamped to [0, 1]): at 28 px they are another domain of the same ten
+    digits as mnist5k (blurred, thick, from other writers), a downstream task for a model trained on mnist5k.
+    """
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or not 8 <= img_size <= 64:
+        raise ValueError(f"digits8: img_size must be an int in [8, 64] (the digits are 8 px), got {img_size!r}")
+    ds = _split("digits8", split)
+    if img_size == 8:
+        return ds
+    big = torch.nn.functional.interpolate(ds.images, size=(img_size, img_size), mode="bilinear",
+                                          align_corners=False).clamp_(0.0, 1.0)
+    return ImageDataset(big, ds.labels, name="digits8", split=split, classes=ds.classes)
