@@ -277,3 +277,16 @@ def test_fit_takes_volumes_with_a_step_fn():
     assert h["train_loss"][-1] < h["train_loss"][0]
     with pytest.raises(ValueError, match="volumes .* need shift=0"):
         fit(net, (vols, labels), None, profile="smoke", steps=1, step_fn=step, shift=1, progress=False)
+
+
+def test_unwrap_reaches_the_model_inside_compile_and_ddp_wrappers():
+    from vitlab.train import unwrap
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP (.module) and torch.compile (._orig_mod)
+        def __init__(self, inner, attr):
+            super().__init__()
+            setattr(self, attr, inner)
+
+    core = torch.nn.Linear(2, 2)
+    assert unwrap(core) is core
+    assert unwrap(Wrapper(Wrapper(core, "module"), "_orig_mod")) is core

@@ -31,11 +31,22 @@ from .cli import OPTIMIZERS, SCHEDULES  # one list for fit and its command line
 from .profiles import Profile, profile as get_profile
 from .seed import seed_everything
 
-__all__ = ["fit", "evaluate", "multilabel_loss", "make_optimizer", "adamw_lr_scaled", "lr_lambda", "random_shift", "is_distributed",
+__all__ = ["fit", "evaluate", "unwrap", "multilabel_loss", "make_optimizer", "adamw_lr_scaled", "lr_lambda", "random_shift", "is_distributed",
            "main"]
 
 
 # ----------------------------------------------------------------------------------------------- pieces
+def unwrap(net: nn.Module) -> nn.Module:
+    """The model inside any torch.compile (``._orig_mod``) and DDP (``.module``) wrappers ``fit`` puts around it: what
+    a ``step_fn`` reads attributes from (a patch size, the prefix-token count)."""
+    while True:
+        inner = getattr(net, "_orig_mod", None)
+        inner = getattr(net, "module", None) if inner is None else inner
+        if not isinstance(inner, nn.Module):
+            return net
+        net = inner
+
+
 def is_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

@@ -90,6 +90,7 @@ from vitlab.checks import check_int, check_number
 from vitlab.methods.architectures import recipes as R
 from vitlab.models.registry import MODELS, register_model
 from vitlab.models.vit import Block, VisionTransformer
+from vitlab.train import unwrap
 
 __all__ = ["DilatedAvgPooling", "DilationPredictor", "TokenAwarePooling", "TAPBlock", "tap_adl_vit",
            "attention_diversification_loss", "adl_step", "adl_objective", "VARIANTS", "NUM_SCALES", "THRESHOLD",
@@ -268,16 +269,6 @@ def attention_diversification_loss(probs_per_layer: Sequence[Tensor], threshold:
     return torch.stack(sims).mean()
 
 
-def _unwrap(net: nn.Module) -> nn.Module:
-    """The model inside a DDP (``.module``) or torch.compile (``._orig_mod``) wrapper."""
-    while True:
-        inner = getattr(net, "_orig_mod", None)
-        inner = getattr(net, "module", None) if inner is None else inner
-        if not isinstance(inner, nn.Module):
-            return net
-        net = inner
-
-
 def adl_step(weight: float = ADL_WEIGHT, threshold: float = THRESHOLD,
              label_smoothing: float = R.TRAIN["label_smoothing"]):
     """A ``vitlab.train.fit`` step_fn: label-smoothed cross-entropy + ``weight`` x ADL over every block's attention
@@ -294,7 +285,7 @@ def adl_step(weight: float = ADL_WEIGHT, threshold: float = THRESHOLD,
         logits, sides = net(images, side=("probs",))
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         adl = attention_diversification_loss([s["probs"] for s in sides], threshold,
-                                             num_prefix_tokens=_unwrap(net).num_prefix_tokens)
+                                             num_prefix_tokens=unwrap(net).num_prefix_tokens)
         return ce + weight * adl, logits
     return step_fn
 

@@ -56,6 +56,7 @@ from timm.layers import trunc_normal_
 from vitlab.checks import check_int, check_number
 from vitlab.augment import cell_mask, mix_targets, paste, soft_cross_entropy, soft_targets
 from vitlab.models import SmallCNN, VisionTransformer
+from vitlab.train import unwrap
 
 __all__ = ["RECIPE", "train_teacher", "DistilledVisionTransformer", "distilled_vit", "class_balanced_weights",
            "drw_weights",
@@ -485,9 +486,7 @@ class DeiTLTStep:
 
 
 def _grid_of(net: nn.Module) -> tuple[int, int]:
-    base = getattr(net, "module", net)
-    base = getattr(base, "_orig_mod", base)  # torch.compile / DDP wrappers
-    grid = getattr(base, "grid_size", None)
+    grid = getattr(unwrap(net), "grid_size", None)  # through torch.compile / DDP wrappers
     if grid is None:
         raise ValueError("DeiTLTStep: pass grid=(gh, gw) for a model without .grid_size")
     return tuple(grid)

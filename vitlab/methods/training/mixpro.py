@@ -55,6 +55,7 @@ from torch import Tensor
 
 from vitlab.checks import check_int, check_number
 from vitlab.augment import cell_mask, cells_to_pixels, mix_targets, soft_cross_entropy
+from vitlab.train import unwrap
 
 __all__ = ["MaskMixBatch", "maskmix", "cls_patch_attention", "attention_lambda", "progressive_factor",
            "pal_lambda", "pal_loss", "MixStep", "baseline_step", "timm_mix_step", "maskmix_step", "transmix_step",
@@ -78,16 +79,6 @@ def _check_labels(y: Tensor, batch: int, name: str, fn: str) -> Tensor:
         raise TypeError(f"{fn}: {name} must be a 1-D long tensor of {batch} labels, got "
                         f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
     return y
-
-
-def _core(net: nn.Module) -> nn.Module:
-    # fit may hand us a torch.compile or DDP wrapper; the attention side output lives on the ViT itself
-    while True:
-        inner = getattr(net, "_orig_mod", None)
-        inner = getattr(net, "module", None) if inner is None else inner
-        if not isinstance(inner, nn.Module):
-            return net
-        net = inner
 
 
 # ------------------------------------------------------------------------------------------------ MaskMix
@@ -157,7 +148,7 @@ def cls_patch_attention(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     wrapper syncs the gradients of this forward; the CLS and register columns are dropped, the rest is not
     renormalised (λ_attn divides by Σa).
     """
-    core = _core(model)
+    core = unwrap(model)
     if not hasattr(core, "forward_with_attention"):
         raise TypeError(f"cls_patch_attention: model must be a vitlab VisionTransformer (forward_with_attention), "
                         f"got {type(core).__name__}")
@@ -267,7 +258,7 @@ class MixStep:
             images, targets = self.mixup(x, y)
             logits = net(images)
             return soft_cross_entropy(logits, targets), logits
-        patch = self.patch_size or _core(net).patch_embed.patch_size
+        patch = self.patch_size or unwrap(net).patch_embed.patch_size
         mb = maskmix(x, y, patch_size=patch, cell_size=self.cell_size, alpha=self.alpha, generator=self.generator)
         logits, attn = cls_patch_attention(net, mb.images)
         t_area = mix_targets(mb.y_a, mb.y_b, mb.lam_area, self.num_classes, self.smoothing)
