@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitlab.checks import check_int
+from vitlab.measure import accuracy
 from vitlab.models import VisionTransformer
 
 __all__ = ["gated_heads", "ablation_importance", "taylor_importance", "offset_profile", "attention_distance",
@@ -89,18 +90,12 @@ def gated_heads(model: VisionTransformer, gates: Tensor):
 
 
 @torch.no_grad()
-def _accuracy(model, images, labels, batch_size: int) -> float:
-    preds = torch.cat([model(images[i:i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
-    return (preds == labels).float().mean().item()
-
-
-@torch.no_grad()
 def ablation_importance(model: VisionTransformer, images: Tensor, labels: Tensor, batch_size: int = 500) -> Tensor:
     """[depth, heads]: the clean accuracy minus the accuracy with that one head switched off (gate 0)."""
     _check_vit(model, "ablation_importance")
     _check_batch(images, labels, "ablation_importance")
     model.eval()
-    base = _accuracy(model, images, labels, batch_size)
+    base = accuracy(model, (images, labels), batch_size=batch_size)
     depth, heads = _gate_shape(model)
     drop = torch.zeros(depth, heads)
     for layer in range(depth):
@@ -108,7 +103,7 @@ def ablation_importance(model: VisionTransformer, images: Tensor, labels: Tensor
             gates = torch.ones(depth, heads)
             gates[layer, h] = 0
             with gated_heads(model, gates):
-                drop[layer, h] = base - _accuracy(model, images, labels, batch_size)
+                drop[layer, h] = base - accuracy(model, (images, labels), batch_size=batch_size)
     return drop
 
 

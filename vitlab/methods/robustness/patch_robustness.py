@@ -36,6 +36,7 @@ from vitlab import zoo
 from vitlab.attacks import fooling_rate, patch_mask, pgd
 from vitlab.checks import check_choice, check_int, check_model, check_number
 from vitlab.data import corrupt
+from vitlab.measure import accuracy
 from vitlab.methods.architectures import recipes as R
 from vitlab.models import SmallCNN, VisionTransformer
 from vitlab.models.registry import MODELS, register_model
@@ -119,12 +120,6 @@ def cls_attention_on(model: VisionTransformer, images: Tensor, mask: Tensor, bat
     return total / len(images)
 
 
-def _accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
-    with torch.no_grad():
-        return (torch.cat([model(images[i:i + 500]).argmax(-1) for i in range(0, len(images), 500)]) == labels
-                ).float().mean().item()
-
-
 def measure_natural(model: nn.Module, profile=None) -> dict:
     """``clean`` test accuracy on chapter 1's digits and ``drop_<kind>_<k>``: clean minus corrupted accuracy with
     k random grid patches per image corrupted by ``kind`` at severity 5 (the same patches for every model)."""
@@ -132,11 +127,11 @@ def measure_natural(model: nn.Module, profile=None) -> dict:
     _, _, test = R.data("digits", profile)
     x, y = test.images, test.labels
     model.eval()
-    out = {"clean": _accuracy(model, x, y)}
+    out = {"clean": accuracy(model, (x, y), batch_size=500)}
     for kind in NATURAL:
         for k in PATCHES:
             xc = corrupt_patches(x, kind, 5, patch_mask(x, PATCH, seed=1, patches=k))
-            out[f"drop_{kind}_{k}"] = out["clean"] - _accuracy(model, xc, y)
+            out[f"drop_{kind}_{k}"] = out["clean"] - accuracy(model, (xc, y), batch_size=500)
     return out
 
 
@@ -152,7 +147,7 @@ def measure_attack(model: nn.Module, profile=None, n_attack: int = 500) -> dict:
     model.eval()
     one = patch_mask(x, PATCH, seed=2)
     adv = pgd(model, x, y, **ATTACK, mask=one, seed=0)
-    out = {"clean_attacked": _accuracy(model, x, y), "fooled": fooling_rate(model, x, adv, y)}
+    out = {"clean_attacked": accuracy(model, (x, y), batch_size=500), "fooled": fooling_rate(model, x, adv, y)}
     if isinstance(model, VisionTransformer):
         out["attn_clean"] = cls_attention_on(model, x, one).mean().item()
         out["attn_natural"] = cls_attention_on(model, corrupt_patches(x, "gaussian_noise", 5, one), one).mean().item()
@@ -177,7 +172,7 @@ def measure_posthoc(model: VisionTransformer, profile=None, n_attack: int = 500)
     out = {}
     for t in TEMPERATURES[1:]:
         hot = set_temperature(copy.deepcopy(model), t).eval()
-        out[f"clean_t{t}"] = _accuracy(hot, test.images, test.labels)
+        out[f"clean_t{t}"] = accuracy(hot, (test.images, test.labels), batch_size=500)
         out[f"fooled_t{t}"] = measure_attack(hot, profile, n_attack)["fooled"]
     return out
 
