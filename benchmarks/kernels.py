@@ -375,6 +375,8 @@ def main(argv=None) -> int:
     print(f"{name}: peaks {peak[0]} TFLOP/s bf16 dense, {peak[1]} TB/s; torch {torch.__version__}, "
           f"triton {triton.__version__}")
 
+    out = args.out or ROOT / "benchmarks" / "results" / f"kernels-{slug(name)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for op in args.ops:
         for model in models:
@@ -382,11 +384,17 @@ def main(argv=None) -> int:
                 print(f"  {op} {model} B={B} ...", flush=True)
                 rows += run_case(op, model, B, rep=rep, warmup=warmup, compile_on=not args.no_compile, peak=peak)
                 torch.cuda.empty_cache()  # the case's tensors died with run_case's frame
+                save_record(out, name, peak, args, models, batches, rows)  # a run cut short keeps its rows
     print()
     print_table(rows)
+    print(f"\nsaved {out}")
+    return 0
 
-    out = args.out or ROOT / "benchmarks" / "results" / f"kernels-{slug(name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+
+def save_record(out: Path, name: str, peak, args, models, batches, rows) -> None:
+    """Writes the record atomically (the rows so far, the environment, the autotuner's picks)."""
+    import triton
+
     record = dict(
         device=name, peak_tflops_bf16=peak[0], peak_hbm_tbps=peak[1], driver=_driver(), commit=_commit(),
         sdpa_backend="flash (pinned)", chosen_configs=_chosen_configs(),
@@ -398,12 +406,15 @@ def main(argv=None) -> int:
                "activation bytes; frac_peak vs the PEAKS table"),
         rows=rows,
     )
-    out.write_text(json.dumps(record, indent=1))
-    print(f"\nsaved {out}")
-    return 0
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out)
 
 
 def _commit() -> str | None:
+    """HEAD, or VITLAB_COMMIT where the tree was copied without .git (a lent GPU machine)."""
+    if os.environ.get("VITLAB_COMMIT"):
+        return os.environ["VITLAB_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
