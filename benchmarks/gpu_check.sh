@@ -11,9 +11,13 @@ mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$OUT/gpu_env.txt"
-timeout 200 $PY -m pytest -q -p no:cacheprovider -n 8 --tb=short tests/kernels tests/test_benchmarks.py 2>&1 \
-  | tee "$OUT/gpu_tests_kernels.log"
-echo "tests rc=$?" | tee -a "$OUT/gpu_tests_kernels.log"
+# one pytest per file, -v: a run cut short by its limit still names every result so far (a -q run printed its
+# failures only at the end, and lost them, on 2026-12-04)
+for f in tests/kernels/test_*.py tests/test_benchmarks.py; do
+  timeout 40 $PY -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --tb=line -rf "$f" 2>&1 \
+    | grep -v "PytestBenchmarkWarning\|warner(" | tee -a "$OUT/gpu_tests_kernels.log"
+  echo "$f rc=$?" | tee -a "$OUT/gpu_tests_kernels.log"
+done
 timeout 170 $PY benchmarks/kernels.py --quick --out "$OUT/kernels-quick.json" 2>&1 | tee "$OUT/gpu_bench_quick.log"
 timeout 120 $PY benchmarks/kernels.py --ops attention attention_colsum attention_diag --models vit_base \
   --batches 256 --out "$OUT/kernels-vit_base-b256.json" 2>&1 | tee "$OUT/gpu_bench_vitb.log"

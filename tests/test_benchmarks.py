@@ -45,3 +45,24 @@ def test_without_cuda_it_says_so_and_exits_0(bench, capsys):
         pytest.skip("a GPU is here: the benchmark would run")
     assert bench.main([]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_committed_gpu_records_summarise():
+    """Each committed kernels-*.json record renders (every op it holds, triton against its baselines)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("kernels_summary", root / "benchmarks" / "kernels_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    records = sorted((root / "benchmarks" / "results").glob("kernels-*.json"))
+    for path in records:
+        record = json.loads(path.read_text())
+        text = summary.table(record)
+        assert record["commit"] and record["driver"], path.name
+        for r in record["rows"]:
+            assert r.get("ms") is not None, f"{path.name}: a failed row {r['op']} {r['impl']}: {r.get('error')}"
+            assert f"| {r['op']} | {r['model']} | {r['batch']} | {r['mode']} |" in text
+    assert summary.main([]) == 2

@@ -122,12 +122,12 @@ def grads(fn, q, k, v, dout, **kw):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_kernels"])
 @pytest.mark.parametrize("B,H,Nq,Nk,D,dtype", BWD_CASES)
 def test_backward_matches_reference(B, H, Nq, Nk, D, dtype, fused, monkeypatch):
-    """Both backward paths: one program per head (N <= FUSED_BWD_MAX_N) and the dQ + dK/dV kernels."""
+    """Both backward paths: one program per head (N <= FUSED_BWD_LIMIT) and the dQ + dK/dV kernels."""
     from vitlab.kernels import attention as A
 
-    if fused and max(Nq, Nk) > A.FUSED_BWD_MAX_N:
+    if fused and max(Nq, Nk) > A.FUSED_BWD_LIMIT:
         pytest.skip("longer than the fused backward takes")
-    monkeypatch.setattr(A, "FUSED_BWD_MAX_N", A.FUSED_BWD_MAX_N if fused else 0)
+    monkeypatch.setattr(A, "FUSED_BWD_MAX_N", A.FUSED_BWD_LIMIT if fused else 0)
     q, k, v = make_qkv(B, H, Nq, Nk, D, dtype, grad=True)
     dout = torch.randn(B, H, Nq, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -170,7 +170,7 @@ def test_broadcast_bias_grad_is_reduced_in_kernel(shape, reduced, fused, monkeyp
     [B,H,Nq,Nk] fp32 buffer), and it equals the reference's, after either backward path."""
     from vitlab.kernels import attention as A
 
-    monkeypatch.setattr(A, "FUSED_BWD_MAX_N", A.FUSED_BWD_MAX_N if fused else 0)
+    monkeypatch.setattr(A, "FUSED_BWD_MAX_N", A.FUSED_BWD_LIMIT if fused else 0)
 
     B, H, Nq, Nk, D = 3, 2, 33, 40, 16
     q, k, v = make_qkv(B, H, Nq, Nk, D, grad=True)
@@ -456,7 +456,7 @@ def test_backward_is_deterministic(fused, monkeypatch):
     """No atomics in either backward path: the same inputs give the same gradient bits every run."""
     from vitlab.kernels import attention as A
 
-    monkeypatch.setattr(A, "FUSED_BWD_MAX_N", A.FUSED_BWD_MAX_N if fused else 0)
+    monkeypatch.setattr(A, "FUSED_BWD_MAX_N", A.FUSED_BWD_LIMIT if fused else 0)
     q, k, v = make_qkv(2, 2, 70, 70, 32, grad=True)
     bias = torch.randn(2, 70, 70, generator=torch.Generator().manual_seed(6)).to(DEVICE).requires_grad_()
     dout = torch.randn(2, 2, 70, 32, generator=torch.Generator().manual_seed(7)).to(DEVICE)

@@ -850,10 +850,13 @@ def _empty_like_layout(q, N):
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1
-# Sequences up to this long take the one-program-per-head backward (_attn_bwd_fused); longer ones the two
-# kernels, whose tiles x B*H programs fill the GPU when one head's work no longer fits one program. Not yet tuned
-# on a GPU: benchmarks/kernels.py times both ("triton" vs "triton_2k" in the attention rows).
-FUSED_BWD_MAX_N = 256
+# The one-program-per-head backward (_attn_bwd_fused) takes sequences up to FUSED_BWD_LIMIT; it is used for those
+# up to FUSED_BWD_MAX_N. Off by default, as measured: on an H200 (benchmarks/results/kernels-nvidia-h200-*.json,
+# bf16, N=197) the dQ + dK/dV kernels took less device time at ViT-S batch 64 (0.138 vs 0.186 ms fwd+bwd) and at
+# ViT-B batch 256 (0.950 vs 1.173 ms). Fewer launches still make the fused one quicker when the host is the
+# bottleneck (tiny batches); set FUSED_BWD_MAX_N = FUSED_BWD_LIMIT there.
+FUSED_BWD_LIMIT = 256
+FUSED_BWD_MAX_N = 0
 
 
 def _grid(n: int, block: str, bh: int):
@@ -964,7 +967,7 @@ class _FlashAttention(torch.autograd.Function):
         o, lse, cls, diag = _forward(q, k, v, scale, bias, key_bias, gmm, want_cls, want_diag)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.extras = (bias_in, key_bias_in, bias, key_bias, gmm, scale)
-        ctx.fused = max(q.shape[2], k.shape[2]) <= FUSED_BWD_MAX_N  # decided here: the benchmark times both
+        ctx.fused = max(q.shape[2], k.shape[2]) <= min(FUSED_BWD_MAX_N, FUSED_BWD_LIMIT)  # decided here: the benchmark times both
         ctx.mark_non_differentiable(lse, *(t for t in (cls, diag) if t is not None))
         ctx.set_materialize_grads(False)  # no zero-filled dout when nothing downstream needs the output
         return o, lse, cls, diag
