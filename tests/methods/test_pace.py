@@ -180,3 +180,100 @@ def test_bad_input():
         P.color_grid(4, noise=-1.0)
     with pytest.raises(TypeError, match="n"):
         P.color_grid("4")
+
+
+def test_eta_per_image_step_hand_checked():
+    # η = 0: softmax(η φ̄_i) = (½, ½), so one ascent step is lr · φ̄ᵀ (p − ½) / B
+    p = _pace(2, 2, eta_ascent=True, eta_per_image=True, eta_lr=1.0)
+    p.eta.zero_()
+    phi = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])  # image 0 concept 0, image 1 concept 1
+    logits = torch.tensor([[50.0, 0.0], [0.0, 50.0]])  # p ≈ one-hot: image 0 class 0, image 1 class 1
+    p.update_eta(logits, phi)
+    assert torch.allclose(p.eta, torch.tensor([[0.25, -0.25], [-0.25, 0.25]], dtype=F64), atol=1e-12)
+    assert (p.predict_proba(phi).argmax(-1) == torch.tensor([0, 1])).all()
+    # the batch-averaged official step sees p̄ = φ̄ = (½, ½) here: it learns nothing about which concept is which class
+    q = _pace(2, 2, eta_ascent=True, eta_lr=1.0)
+    q.eta.zero_()
+    q.update_eta(logits, phi)
+    assert torch.allclose(q.eta[0], q.eta[1])
+
+
+def test_concept_purity_and_theta_shift_hand_checked():
+    concepts = torch.tensor([[0, 0, 1, 1], [1, 2, 2, 2]])
+    truth = torch.tensor([[3, 3, 4, 0], [4, 0, 0, 1]])
+    # concept 0: {3, 3} → 2; concept 1: {4, 0, 4} → 2; concept 2: {0, 0, 1} → 2
+    assert P.concept_purity(concepts, truth) == pytest.approx(6 / 8)
+    assert P.concept_purity(truth, truth) == 1.0
+    a = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    b = torch.tensor([[0.5, 0.0, 0.5], [1.0, 0.0, 0.0]])
+    assert torch.allclose(P.theta_shift(a, b), torch.tensor([0.5, 0.0]))
+    with pytest.raises(ValueError, match="concepts and truth"):
+        P.concept_purity(concepts, truth[:, :3])
+    with pytest.raises(ValueError, match="theta_a"):
+        P.theta_shift(a, b[:1])
+
+
+def test_init_from_data_and_projection_training():
+    vit = tiny_vit()
+    x, _, _ = P.color_grid(8, img_size=16)
+    p = P.PACE(32, 5, K=3, c_dim=4).init_from_data(vit, x)
+    w = p.proj.weight.detach().double()
+    assert torch.allclose(w @ w.T, torch.eye(4, dtype=F64), atol=1e-5)  # orthonormal principal directions
+    hidden, _, _ = P.pace_features(vit, x)
+    emb = p.proj(hidden).detach().double().reshape(-1, 4)
+    assert emb.mean(0).abs().max() < 1e-4  # centred
+    assert torch.cdist(p.mu, p.mu).fill_diagonal_(1e9).min() > 0 and torch.equal(p.mu0, p.mu)
+    frozen = p.proj.weight.detach().clone()
+    p.fit(vit, x, batch_size=4)
+    assert torch.equal(p.proj.weight, frozen) and p.history == []
+    p.fit(vit, x, batch_size=4, epochs=2, proj_lr=1e-2)
+    assert not torch.equal(p.proj.weight, frozen) and len(p.history) == 4
+    assert all(math.isfinite(v) for v in p.history)
+    with pytest.raises(ValueError, match="proj_lr"):
+        p.fit(vit, x, proj_lr=0.0)
+    with pytest.raises(ValueError, match="K=3"):
+        P.PACE(32, 5, K=3, c_dim=4).init_from_data(vit, x[:0])
+
+
+def test_color_cells_dataset_and_patch_colors():
+    from vitlab import data
+
+    tr, te = data.load("color_cells", "train", "cpu"), data.load("color_cells", "test", "cpu")
+    assert (len(tr), len(te)) == (2000, 500) and tr.images.shape[1:] == (3, 32, 32) and tr.num_classes == 2
+    assert not torch.equal(tr.images[:5], te.images[:5])  # the splits are different draws
+    assert torch.equal(data.load("color_cells", "test", "cpu").images, te.images)
+    one = torch.zeros(1, 3, 8, 8)
+    one[:, 0, :, 4:] = 1.0  # right half red, left half black
+    assert data.patch_colors(one, 4).tolist() == [[0, 1, 0, 1]]
+    clean, _, cells = P.color_grid(6, img_size=32, noise=0.0)
+    corners = data.patch_colors(clean, 4).view(6, 8, 8)[:, ::7, ::7]  # a corner patch lies inside one cell
+    assert torch.equal(corners, cells)
+    with pytest.raises(ValueError, match="patch_size"):
+        data.patch_colors(one, 3)
+    with pytest.raises(ValueError, match="images"):
+        data.patch_colors(torch.zeros(1, 1, 8, 8), 4)
+    with pytest.raises(ValueError, match="split"):
+        data.color_cells("dev")
+
+
+def test_ladder_build_and_evaluate_on_a_tiny_vit(monkeypatch):
+    from vitlab import data
+
+    vit = tiny_vit(num_classes=2)
+    x, _, _ = P.color_grid(12, img_size=16)
+    monkeypatch.setattr(P, "FIT", dict(n_fit=12, n_init=12, epochs=1, batch_size=6))
+    monkeypatch.setattr(P, "C_DIM", 4)
+    truth = data.patch_colors(x, 4)
+    for config in P.LADDER:
+        pace = P.build(vit, x, config, seed=1)
+        out = P.evaluate(pace, vit, x, truth)
+        assert set(out) == {"purity", "used", "agree", "tv_aug", "tv_other"}
+        assert 0 < out["purity"] <= 1 and 0 <= out["agree"] <= 1 and 0 <= out["tv_aug"] <= 1
+    assert pace.history and pace.eta_per_image  # the lesson's configuration trains the projection
+    assert 0 < P.kmeans_purity(vit, x, x, truth) <= 1
+    flipped = P.flip_and_noise(x, std=0.0)
+    assert torch.equal(flipped, x.flip(-1)) and torch.equal(P.flip_and_noise(x, seed=3), P.flip_and_noise(x, seed=3))
+    with pytest.raises(ValueError, match="config"):
+        P.build(vit, x, "best")
+    with pytest.raises(ValueError, match="std"):
+        P.flip_and_noise(x, std=-1.0)

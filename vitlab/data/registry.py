@@ -5,6 +5,7 @@ import inspect
 
 from ..profiles import Profile
 from ..profiles import profile as get_profile
+from .colors import color_cells
 from .dataset import ImageDataset, check_split, stratified_prefix
 from .longtail import check_imbalance, long_tailed
 from .multichannel import multichannel_digits
@@ -35,6 +36,7 @@ DATASETS = {
     "mnist5k_lt": _mnist5k_lt,
     "digits8": digits8,
     "cluttered_scenes": cluttered_scenes,
+    "color_cells": color_cells,  # PACE's "Color" set: 2 x 2 coloured cells, class = colour pair
     "multichannel_digits": multichannel_digits,
     "thorax_xrays": thorax_xrays,  # MultiLabelDataset: labels [N,5]; cuts max_train itself
     "shape_volumes": shape_volumes,  # VolumeDataset [N,1,D,H,W]

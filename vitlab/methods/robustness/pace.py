@@ -46,56 +46,32 @@ Our reading of the official code, and where we differ from it:
   η_c ← η_c − lr (p̄_c − softmax(η φ̄)_c) φ̄, class after class (each class sees the rows already updated), with
   p̄ the batch-mean ViT softmax and φ̄ the mean of φ over the batch and the tokens. That is a step *down* the
   log-likelihood Σ_c p̄_c log softmax(η φ̄)_c (its gradient is (p̄_c − s_c) φ̄); we follow the code by default
-  and ``eta_ascent=True`` takes the step up, as the paper's ELBO asks.
+  and ``eta_ascent=True`` takes the step up, as the paper's ELBO asks. Averaging p and φ over the batch before the
+  step also removes the per-image signal (a balanced batch has p̄ ≈ (½, ½) whatever each image shows), so η cannot
+  learn which concepts mean which class; ``eta_per_image=True`` takes the paper's per-image likelihood
+  Σ_i Σ_c p_ic log softmax(η φ̄_i)_c instead (with ``eta_ascent``: its gradient step, divided by B).
 - The loss (``loss``) is the official ``_delta``: B · mean(φ · ½ Mahalanobis) (no /100 there), differentiable in
   the embeddings, so it can train the projection (the official trains ``ViTClassify.linear`` with it, the ViT
   frozen). The official computes it with the φ from the start of the last E-round; we use the final φ.
+- As in the code: ``fit(..., proj_lr=)`` trains the projection with ``loss`` after every EM step (the official
+  trains ``ViTClassify.linear`` with ``_delta`` through the HF Trainer; we use Adam).
+- Deviation (opt-in): ``init_from_data`` starts the projection from principal directions and μ from k-means
+  instead of the official random draws; the lesson measures what each switch does (``LADDER``).
 - Not done: the contrastive E-step (``do_cl_e_step``: extra Adam-smoothed terms for faithfulness and for stability
-  under augmentation) and the projection's training loop; the official HF ViT-B/16 at 224 px is replaced by the
-  course ViT; the Color images are made at ``img_size`` directly (see ``color_grid``).
+  under augmentation); the official HF ViT-B/16 at 224 px is replaced by the course ViT; the Color images are made
+  at ``img_size`` directly (``vitlab.data.colors.color_grid``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from vitlab.checks import check_choice, check_cls_vit, check_int, check_ndim, check_number
+from vitlab.data.colors import CLASS_COLORS, COLOR_NAMES, COLORS, color_grid  # the Color set lives in vitlab.data
 
-__all__ = ["PACE", "pace_features", "color_grid", "COLORS", "COLOR_NAMES", "CLASS_COLORS"]
-
-COLOR_NAMES = ("black", "red", "yellow", "blue", "green")
-COLORS = torch.tensor([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 0]], dtype=torch.float32)
-CLASS_COLORS = ((1, 2), (3, 4))  # class 0: red + yellow, class 1: blue + green (codes into COLOR_NAMES)
-
-
-def color_grid(n: int, img_size: int = 32, seed: int = 0, noise: float = 0.1):
-    """The official "Color" set (``generate_data.py``), small: a 2 × 2 grid of cells, 0–2 of them black (uniform),
-    the others coloured alternately with the class's two colours in a random order of cells (so both colours are
-    always there); class 0 red + yellow, class 1 blue + green. Gaussian noise (std ``noise``; the official
-    ``random_noise`` has var 0.01) on the 2 × 2 cells, clipped to [0, 1], then a bilinear resize to ``img_size``
-    (skimage ``resize``'s default order 1). Classes alternate and are then shuffled (the official makes as many of
-    each). Returns images [n, 3, S, S] in [0, 1], labels [n], cell codes [n, 2, 2] (indices into COLOR_NAMES)."""
-    fn = "color_grid"
-    n, img_size = check_int(n, "n", fn), check_int(img_size, "img_size", fn, low=2)
-    seed = check_int(seed, "seed", fn, low=0)
-    noise = check_number(noise, "noise", fn, low=0.0)
-    g = torch.Generator().manual_seed(seed)
-    labels = (torch.arange(n) % 2)[torch.randperm(n, generator=g)]
-    cells = torch.zeros(n, 4, dtype=torch.long)
-    num_black = torch.randint(0, 3, (n,), generator=g)
-    for i in range(n):
-        locs = torch.randperm(4, generator=g)[: 4 - int(num_black[i])]
-        pair = CLASS_COLORS[int(labels[i])]
-        for j, loc in enumerate(locs.tolist()):
-            cells[i, loc] = pair[j % 2]
-    cells = cells.view(n, 2, 2)
-    small = COLORS[cells].permute(0, 3, 1, 2)  # [n, 3, 2, 2]
-    small = (small + noise * torch.randn(small.shape, generator=g)).clamp(0, 1)
-    images = F.interpolate(small, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return images, labels, cells
-
+__all__ = ["PACE", "pace_features", "concept_purity", "theta_shift", "color_grid", "COLORS", "COLOR_NAMES",
+           "CLASS_COLORS"]
 
 @torch.no_grad()
 def pace_features(vit, images: Tensor):
@@ -121,7 +97,8 @@ class PACE(nn.Module):
 
     def __init__(self, in_dim: int, num_classes: int, K: int = 100, c_dim: int = 25, alpha: float = 2.0,
                  rho: float = 0.75, n0: float = 500.0, e_iters: int = 10, spd_scale: float = 100.0,
-                 eta_lr: float = 1e-2, eta_ascent: bool = False, average: str = "official", seed: int = 0):
+                 eta_lr: float = 1e-2, eta_ascent: bool = False, eta_per_image: bool = False,
+                 average: str = "official", seed: int = 0):
         super().__init__()
         fn = "PACE"
         in_dim, self.num_classes = check_int(in_dim, "in_dim", fn), check_int(num_classes, "num_classes", fn)
@@ -133,6 +110,7 @@ class PACE(nn.Module):
         self.spd_scale = check_number(spd_scale, "spd_scale", fn, low=0.0, low_open=True)
         self.eta_lr = check_number(eta_lr, "eta_lr", fn, low=0.0)
         self.eta_ascent = bool(eta_ascent)
+        self.eta_per_image = bool(eta_per_image)
         self.average = check_choice(average, ("official", "normalised"), "average", fn)
         g = torch.Generator().manual_seed(check_int(seed, "seed", fn, low=0))
         self.proj = nn.Linear(in_dim, self.c_dim)
@@ -225,9 +203,14 @@ class PACE(nn.Module):
         check_ndim(logits, 2, "logits", "PACE.update_eta")
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"PACE.update_eta: logits must be [B, {self.num_classes}], got {tuple(logits.shape)}")
+        sign = 1.0 if self.eta_ascent else -1.0
+        if self.eta_per_image:  # the paper's y_i ~ softmax(η φ̄_i): one ascent step on Σ_i log-likelihood / B
+            p = torch.softmax(logits.to(torch.float64), -1)  # [B, C]
+            fbar = phi.to(torch.float64).mean(1)  # [B, K]
+            self.eta += sign * self.eta_lr * fbar.T @ (p - torch.softmax(fbar @ self.eta, -1)) / len(p)
+            return
         p = torch.softmax(logits.to(torch.float64), -1).mean(0)  # [C]
         fbar = phi.to(torch.float64).mean((0, 1))  # [K]
-        sign = 1.0 if self.eta_ascent else -1.0
         for c in range(self.num_classes):  # class after class, as the official loop
             s = torch.softmax(fbar @ self.eta, -1)[c]
             self.eta[:, c] += sign * self.eta_lr * (p[c] - s) * fbar
@@ -257,13 +240,54 @@ class PACE(nn.Module):
             emb = self.proj(hidden.to(self.proj.weight.dtype)).to(torch.float64)
         return emb, w, logits
 
-    def fit(self, vit, images: Tensor, epochs: int = 1, batch_size: int = 32, use_logits: bool = True) -> "PACE":
-        """``em_step`` over ``images`` in order, ``epochs`` times (the ViT and the projection frozen)."""
-        epochs, batch_size = check_int(epochs, "epochs", "PACE.fit"), check_int(batch_size, "batch_size", "PACE.fit")
+    @torch.no_grad()
+    def init_from_data(self, vit, images: Tensor, seed: int = 0) -> "PACE":
+        """Deviation (off by default; the lesson uses it): the projection from the top ``c_dim`` principal
+        directions of the hidden states of ``images``, and μ (and μ0) from k-means (K clusters) of the projected
+        tokens. The official draws μ ~ N(0, 10²) and a default ``nn.Linear``; on the course ViT that start leaves
+        one concept holding every token (see the lesson)."""
+        from sklearn.cluster import KMeans
+
+        seed = check_int(seed, "seed", "PACE.init_from_data", low=0)
+        hidden, _, _ = pace_features(vit, images)
+        h = hidden.reshape(-1, hidden.shape[-1]).double()
+        if h.shape[0] < self.K:
+            raise ValueError(f"PACE.init_from_data: need at least K={self.K} tokens, got {h.shape[0]}")
+        mean = h.mean(0)
+        _, _, v = torch.linalg.svd(h - mean, full_matrices=False)  # rows of v: principal directions
+        top = v[: self.c_dim]  # [c_dim, D]
+        self.proj.weight.copy_(top.to(self.proj.weight.dtype))
+        self.proj.bias.copy_((-(top @ mean)).to(self.proj.bias.dtype))
+        emb = (h - mean) @ top.T
+        km = KMeans(self.K, n_init=4, random_state=seed).fit(emb.numpy())
+        self.mu.copy_(torch.from_numpy(km.cluster_centers_))
+        self.mu0.copy_(self.mu)
+        return self
+
+    def fit(self, vit, images: Tensor, epochs: int = 1, batch_size: int = 32, use_logits: bool = True,
+            proj_lr: float | None = None) -> "PACE":
+        """``em_step`` over ``images`` in order, ``epochs`` times, the ViT frozen. With ``proj_lr`` the projection
+        is trained too, as the official trains ``ViTClassify.linear``: after each EM step, one Adam step on
+        ``loss`` (the φ-weighted Mahalanobis distance of the batch's embeddings). ``self.history`` holds the loss
+        per batch."""
+        fn = "PACE.fit"
+        epochs, batch_size = check_int(epochs, "epochs", fn), check_int(batch_size, "batch_size", fn)
+        if proj_lr is not None:
+            proj_lr = check_number(proj_lr, "proj_lr", fn, low=0.0, low_open=True)
+            opt = torch.optim.Adam(self.proj.parameters(), lr=proj_lr)
+        self.history = []
         for _ in range(epochs):
             for i in range(0, len(images), batch_size):
-                emb, w, logits = self.embed(vit, images[i:i + batch_size])
-                self.em_step(emb, w, logits if use_logits else None)
+                hidden, w, logits = pace_features(vit, images[i:i + batch_size])
+                with torch.set_grad_enabled(proj_lr is not None):
+                    emb = self.proj(hidden.to(self.proj.weight.dtype)).to(torch.float64)
+                phi, _ = self.em_step(emb.detach(), w, logits if use_logits else None)
+                if proj_lr is not None:
+                    loss = self.loss(emb, phi)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    self.history.append(loss.item())
         return self
 
     def explain(self, images: Tensor, vit) -> dict:
@@ -275,3 +299,130 @@ class PACE(nn.Module):
         concepts = phi[:, vit.num_prefix_tokens:].argmax(-1).reshape(len(images), gh, gw)
         return {"phi": phi, "gamma": gamma, "theta": gamma / gamma.sum(-1, keepdim=True), "weights": w,
                 "patch_concepts": concepts, "logits": logits}
+
+
+def concept_purity(concepts: Tensor, truth: Tensor) -> float:
+    """Σ over concepts of the count of its most common true label, / all tokens: 1.0 when every concept holds one
+    colour. ``concepts`` and ``truth``: int tensors of one shape (e.g. [B, T] patches)."""
+    if not isinstance(concepts, Tensor) or not isinstance(truth, Tensor) or concepts.shape != truth.shape:
+        raise ValueError("concept_purity: concepts and truth must be tensors of one shape, got "
+                         f"{getattr(concepts, 'shape', type(concepts).__name__)} and "
+                         f"{getattr(truth, 'shape', type(truth).__name__)}")
+    c, t = concepts.flatten().long(), truth.flatten().long()
+    if c.numel() == 0:
+        raise ValueError("concept_purity: no tokens")
+    return sum(int(torch.bincount(t[c == k]).max()) for k in c.unique()) / c.numel()
+
+
+def theta_shift(theta_a: Tensor, theta_b: Tensor) -> Tensor:
+    """Total-variation distance ½ Σ_k |θ_a − θ_b| per image [B]: 0 for the same concept proportions, 1 for
+    disjoint ones."""
+    if not isinstance(theta_a, Tensor) or not isinstance(theta_b, Tensor) or theta_a.shape != theta_b.shape \
+            or theta_a.ndim != 2:
+        raise ValueError("theta_shift: theta_a and theta_b must be [B, K] tensors of one shape")
+    return 0.5 * (theta_a - theta_b).abs().sum(-1)
+
+
+# ---------------------------------------------------------------- the lesson's ViTs (zoo entries) and settings
+SEEDS = (0, 1, 2)
+VIT_CONFIG = dict(img_size=32, patch_size=4, in_chans=3, num_classes=2, embed_dim=64, depth=4, num_heads=4,
+                  mlp_ratio=2.0)  # a 2 x 2 grid of 16-px cells: each cell is 4 x 4 patches
+TRAIN = dict(lr=2e-3, weight_decay=0.05, warmup=0.1, label_smoothing=0.1, shift=2, batch_size=64)
+STEPS = {"cpu": 600, "gpu": 3000}
+K, C_DIM = 6, 16  # the curriculum's small setting (official: K = 100, c_dim = 25 on ViT-B)
+FIT = dict(n_fit=1000, n_init=500, epochs=3, batch_size=50)  # PACE sees the first n_fit train images
+# the switches, added one at a time: (PACE keyword arguments, init_from_data, projection learning rate)
+LADDER = {
+    "official": ({}, False, None),
+    "+M-step fixes": (dict(average="normalised", n0=0.0, spd_scale=1.0), False, None),
+    "+data init": (dict(average="normalised", n0=0.0, spd_scale=1.0), True, None),
+    "+per-image eta": (dict(average="normalised", n0=0.0, spd_scale=1.0, eta_ascent=True, eta_per_image=True,
+                            eta_lr=1.0), True, None),
+    "+trained projection": (dict(average="normalised", n0=0.0, spd_scale=1.0, eta_ascent=True, eta_per_image=True,
+                                 eta_lr=1.0), True, 3e-4),
+}
+LESSON = "+trained projection"  # the configuration the lesson's claims rest on (chosen before measuring seeds 1, 2)
+MEASURE_KEY = "pace-v2"
+
+
+def build(vit, train_images: Tensor, config: str = LESSON, seed: int = 0) -> PACE:
+    """PACE fitted to ``vit`` in one of the LADDER configurations (the ViT frozen)."""
+    check_choice(config, tuple(LADDER), "config", "build")
+    kwargs, init, proj_lr = LADDER[config]
+    torch.manual_seed(seed)  # the projection's default init
+    pace = PACE(vit.embed_dim, vit.num_classes, K=K, c_dim=C_DIM, seed=seed, **kwargs)
+    if init:
+        pace.init_from_data(vit, train_images[:FIT["n_init"]], seed=seed)
+    return pace.fit(vit, train_images[:FIT["n_fit"]], epochs=FIT["epochs"], batch_size=FIT["batch_size"],
+                    proj_lr=proj_lr)
+
+
+def flip_and_noise(images: Tensor, std: float = 0.05, seed: int = 0) -> Tensor:
+    """The stability check's augmentation: a horizontal flip (every patch moves, no colour changes) and Gaussian
+    noise of ``std``, clipped to [0, 1]."""
+    std = check_number(std, "std", "flip_and_noise", low=0.0)
+    g = torch.Generator().manual_seed(check_int(seed, "seed", "flip_and_noise", low=0))
+    return (images.flip(-1) + std * torch.randn(images.shape, generator=g)).clamp(0, 1)
+
+
+def evaluate(pace: PACE, vit, images: Tensor, truth: Tensor, seed: int = 0) -> dict:
+    """purity (patch concepts vs ``truth`` [B, patches]), concepts used, agreement of softmax(η φ̄) with the ViT's
+    prediction, and the mean θ shift (total variation) to the augmented image and to another image."""
+    out, aug = pace.explain(images, vit), pace.explain(flip_and_noise(images, seed=seed), vit)
+    concepts = out["patch_concepts"].flatten(1)
+    other = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return {"purity": concept_purity(concepts, truth), "used": float(concepts.unique().numel()),
+            "agree": (pace.predict_proba(out["phi"]).argmax(-1) == out["logits"].argmax(-1)).double().mean().item(),
+            "tv_aug": theta_shift(out["theta"], aug["theta"]).mean().item(),
+            "tv_other": theta_shift(out["theta"], out["theta"][other]).mean().item()}
+
+
+def kmeans_purity(vit, train_images: Tensor, images: Tensor, truth: Tensor, seed: int = 0) -> float:
+    """The reference: k-means (K clusters) on the same projected patch embeddings (PCA of the same hidden states),
+    each test patch given its nearest centre."""
+    pace = PACE(vit.embed_dim, vit.num_classes, K=K, c_dim=C_DIM, seed=seed)
+    pace.init_from_data(vit, train_images[:FIT["n_init"]], seed=seed)
+    emb, _, _ = pace.embed(vit, images)
+    near = torch.cdist(emb[:, vit.num_prefix_tokens:].reshape(-1, C_DIM), pace.mu).argmin(-1)
+    return concept_purity(near.view(len(images), -1), truth)
+
+
+def measure(vit, profile=None, seed: int = 0) -> dict:
+    """Every LADDER configuration on the test split, the k-means reference and the lesson's model before EM:
+    {"<config>/<metric>": value}."""
+    from vitlab import data
+
+    vit.eval()
+    train, test = data.load("color_cells", "train", profile), data.load("color_cells", "test", profile)
+    truth = data.patch_colors(test.images, vit.patch_embed.patch_size)
+    out = {}
+    for config in LADDER:
+        for k, v in evaluate(build(vit, train.images, config, seed), vit, test.images, truth, seed).items():
+            out[f"{config}/{k}"] = v
+    out["kmeans/purity"] = kmeans_purity(vit, train.images, test.images, truth, seed)
+    # the lesson's model before any EM step (k-means μ, Σ = I): what EM itself does to the concepts
+    start = PACE(vit.embed_dim, vit.num_classes, K=K, c_dim=C_DIM, seed=seed, **LADDER[LESSON][0])
+    start.init_from_data(vit, train.images[:FIT["n_init"]], seed=seed)
+    out["before EM/purity"] = evaluate(start, vit, test.images, truth, seed)["purity"]
+    return out
+
+
+def vit_name(seed: int) -> str:
+    """The zoo entry of the ViT PACE explains: the course ViT trained on ``color_cells``."""
+    return f"ch6_pace_vit_color_s{check_int(seed, 'seed', 'vit_name', low=0)}"
+
+
+def _register() -> None:
+    from vitlab import zoo
+    from vitlab.models.registry import MODELS, register_model
+
+    if "ch6_pace_vit" in MODELS:  # re-imported
+        return
+    register_model("ch6_pace_vit", **VIT_CONFIG)
+    for seed in SEEDS:
+        zoo.register(vit_name(seed), zoo.Recipe(
+            model="ch6_pace_vit", data="color_cells", fit=dict(TRAIN), seed=seed, data_seed=0,
+            per_profile={p: dict(steps=n) for p, n in STEPS.items()}, shares={"smoke": "cpu"}))
+
+
+_register()
