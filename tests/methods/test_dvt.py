@@ -314,3 +314,15 @@ def test_bad_input_raises_naming_the_argument():
         D.position_variance_share(torch.randn(1, 4, 8))
     with pytest.raises(ValueError, match="reference"):
         D.artifact_alignment(torch.randn(4, 4, 8), torch.randn(5, 4, 4, 7))
+
+
+def test_lesson_measure_runs_small(monkeypatch):
+    """The lesson's measure end to end on a tiny ViT, with every size cut down: every number is there and sane."""
+    monkeypatch.setattr(D, "LESSON", dict(n_stage1=2, num_views=4, iters=6, stage2_steps=4, n_probe_train=20,
+                                          n_test=10))
+    vit = tiny_vit(img_size=32, num_classes=10)
+    out = D.measure(vit, "smoke", seed=0)
+    for name in ("raw", "stage2", "control"):
+        assert 0 <= out[f"{name}/share"] <= 1 and 0 <= out[f"{name}/miou"] <= 1
+    assert -1 <= out["stage1/alignment"] <= 1 and out["stage1/share_raw"] >= 0
+    assert out["control/loss_last_quarter"] >= 0
