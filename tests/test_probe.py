@@ -143,3 +143,13 @@ def test_partial_optimizer_trains_only_the_named_parameters():
             progress=False)
     with pytest.raises(ValueError, match="trainable"):
         partial_optimizer("head.")
+
+
+def test_dense_probe_scores_miou_on_separable_patches():
+    from vitlab.probe import dense_probe
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = torch.randn(200, 4, generator=g) + 4.0 * y[:, None]  # two well separated clusters
+    out = dense_probe(x[:100], y[:100], x[100:], y[100:], 2, seed=0)
+    assert out["miou"] == 1.0 and out["acc"] == 1.0 and out["train_acc"] == 1.0

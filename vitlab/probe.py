@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from vitlab.checks import check_choice, check_int, check_model, check_number
 
-__all__ = ["features", "Standardize", "linear_probe", "param_groups_lrd", "layer_decay_optimizer", "partial_optimizer",
+__all__ = ["features", "Standardize", "linear_probe", "dense_probe", "param_groups_lrd", "layer_decay_optimizer", "partial_optimizer",
            "finetune"]
 
 
@@ -166,6 +166,18 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         train_acc = (head(xtr).argmax(1) == ytr).float().mean().item()
         acc = (head(xte).argmax(1) == yte).float().mean().item()
     return {"acc": acc, "train_acc": train_acc, "head": head, "loss": float(loss.detach())}
+
+
+def dense_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                test_labels: torch.Tensor, num_classes: int, **probe_kwargs) -> dict:
+    """``linear_probe`` on per-patch features [M, D] and labels [M] (a segmentation probe on frozen dense
+    features), scored by mIoU over all test patches as well: {"miou", "acc", "train_acc"}."""
+    from .metrics import miou
+
+    res = linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes=num_classes, **probe_kwargs)
+    with torch.no_grad():
+        pred = res["head"](test_feats.float()).argmax(dim=1)
+    return {"miou": miou(pred, test_labels.long(), num_classes), "acc": res["acc"], "train_acc": res["train_acc"]}
 
 
 # --------------------------------------------------------------------------------------------- fine-tune

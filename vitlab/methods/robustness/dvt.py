@@ -628,16 +628,12 @@ MEASURE_KEY = "dvt-v2"
 def _probe_miou(train_feats: Tensor, train_masks: Tensor, test_feats: Tensor, test_masks: Tensor, patch_size: int,
                 seed: int) -> float:
     from vitlab.data import patch_mask
-    from vitlab.metrics import miou
-    from vitlab.probe import linear_probe
+    from vitlab.probe import dense_probe
 
     ytr = patch_mask(train_masks, patch_size).long().flatten()
     yte = patch_mask(test_masks, patch_size).long().flatten()
     d = train_feats.shape[-1]
-    res = linear_probe(train_feats.reshape(-1, d), ytr, test_feats.reshape(-1, d), yte, num_classes=2, seed=seed)
-    with torch.no_grad():
-        pred = res["head"](test_feats.reshape(-1, d)).argmax(-1)
-    return float(miou(pred, yte, 2))
+    return float(dense_probe(train_feats.reshape(-1, d), ytr, test_feats.reshape(-1, d), yte, 2, seed=seed)["miou"])
 
 
 def measure(vit, profile=None, seed: int = 0) -> dict:

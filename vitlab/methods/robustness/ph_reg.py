@@ -619,16 +619,12 @@ def segmentation_probe(model, train, test, *, labels: str = "binary", batch_size
     """A linear probe on frozen patch tokens (``vitlab.probe.linear_probe`` with ``probe_kwargs``: epochs, lr, seed,
     ...), trained on ``train``'s patches and scored on ``test``'s: {"miou", "acc", "train_acc"} (``miou`` from
     ``vitlab.metrics.miou`` over all test patches)."""
-    from vitlab.metrics import miou
-    from vitlab.probe import linear_probe
+    from vitlab.probe import dense_probe
 
     xtr, ytr = probe_patches(model, train, labels=labels, batch_size=batch_size)
     xte, yte = probe_patches(model, test, labels=labels, batch_size=batch_size)
     K = 2 if labels == "binary" else len(train.classes) + 1
-    res = linear_probe(xtr, ytr, xte, yte, num_classes=K, **probe_kwargs)
-    with torch.no_grad():
-        pred = res["head"](xte).argmax(dim=1)
-    return {"miou": miou(pred, yte, K), "acc": res["acc"], "train_acc": res["train_acc"]}
+    return dense_probe(xtr, ytr, xte, yte, K, **probe_kwargs)
 
 
 # ---------------------------------------------------------------- the lesson's experiment
