@@ -231,6 +231,11 @@ def _train(name: str, recipe: Recipe, P: Profile, progress: bool) -> dict:
         from .probe import layer_decay_optimizer
 
         fit_kwargs["optimizer"] = layer_decay_optimizer(fit_kwargs.pop("layer_decay"))
+    if "head_lr_scale" in fit_kwargs:  # new heads next to pretrained weights: the model's head_parameters() at a
+        from .train import adamw_lr_scaled  # multiple of the lr (ToCo's official 10x)
+
+        scale = fit_kwargs.pop("head_lr_scale")
+        fit_kwargs["optimizer"] = adamw_lr_scaled(lambda m: m.head_parameters(), scale)
     if "trainable" in fit_kwargs:  # a partial fine-tune (a linear probe, the last blocks): the rest stays frozen
         from .probe import partial_optimizer
 
@@ -267,9 +272,12 @@ def _classification_metrics(model, train, test, history: dict) -> dict:
 
 
 def _start_from(model, base) -> None:
-    """Load ``base``'s weights into ``model``: all of them (a fine-tune of the same architecture, strict), or a
-    pre-training model's encoder through its ``load_into(model)`` (MAE: the head stays fresh)."""
-    if type(base) is not type(model) and hasattr(base, "load_into"):
+    """Load ``base``'s weights into ``model``: all of them (a fine-tune of the same architecture, strict), a
+    pre-training model's encoder through its ``load_into(model)`` (MAE: the head stays fresh), or, for a model that
+    wraps its base with new heads (ToCo's CAM heads around a ViT), through the model's ``start_from(base)``."""
+    if type(base) is not type(model) and hasattr(model, "start_from"):
+        model.start_from(base)
+    elif type(base) is not type(model) and hasattr(base, "load_into"):
         base.load_into(model)
     else:
         model.load_state_dict(base.state_dict(), strict=True)

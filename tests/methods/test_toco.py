@@ -314,7 +314,7 @@ def test_a_few_training_steps_lower_the_loss():
     assert parts[-1]["cls"] < parts[0]["cls"] - 0.15 and parts[-1]["cls_aux"] < parts[0]["cls_aux"] - 0.03
     res = T.measure_toco(net, x, torch.rand(4, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.5, y)
     assert set(res) == {"acc", "cam_miou", "aux_cam_miou", "cam_miou_class", "token_cos", "aux_token_cos",
-                        "pseudo_acc", "pseudo_coverage"}
+                        "pseudo_acc", "pseudo_coverage", "cam_auc", "aux_cam_auc"}
     assert 0 <= res["cam_miou"] <= 1 and -1 <= res["token_cos"] <= 1 and net.training
 
 
@@ -424,3 +424,77 @@ def test_bad_input_names_the_argument(case):
     call, err, name = _bad_cases()[case]
     with pytest.raises(err, match=name):
         call()
+
+
+# ------------------------------------------------------------------------------------------------ lesson pieces
+def test_cam_auc_by_hand_and_against_sklearn():
+    """Object pixels 0.9, 0.5; background 0.1, 0.5: of the 4 pairs 3 are ranked right and one tied (half): 3.5 / 4."""
+    cam = torch.zeros(1, 2, 2, 2)
+    cam[0, 1] = torch.tensor([[0.9, 0.1], [0.5, 0.5]])
+    masks = torch.tensor([[[True, False], [True, False]]])
+    assert T.cam_auc(cam, masks, torch.tensor([1])) == pytest.approx(0.875)
+    assert T.cam_auc(cam, ~masks, torch.tensor([1])) == pytest.approx(0.125)  # pointing at the background
+    sklearn = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    cam, masks, labels = torch.rand(3, 4, 8, 8, generator=g), torch.rand(3, 8, 8, generator=g) > 0.7, torch.tensor([2, 0, 3])
+    own = cam[torch.arange(3), labels]
+    want = sklearn.roc_auc_score(masks.flatten().numpy(), own.flatten().numpy())
+    assert T.cam_auc(cam, masks, labels) == pytest.approx(want, abs=1e-12)
+
+
+def test_cam_auc_bad_input():
+    cam = torch.rand(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="masks must be bool"):
+        T.cam_auc(cam, torch.ones(2, 4, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels must be class indices"):
+        T.cam_auc(cam, torch.ones(2, 4, 4, dtype=torch.bool), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="both object and background"):
+        T.cam_auc(cam, torch.ones(2, 4, 4, dtype=torch.bool), torch.tensor([0, 1]))
+
+
+def test_measure_toco_reports_the_cam_auc():
+    net = _net()
+    x, masks = _images(4), torch.zeros(4, 16, 16, dtype=torch.bool)
+    masks[:, 4:10, 4:10] = True
+    out = T.measure_toco(net, x, masks, torch.tensor([0, 1, 2, 3]))
+    assert 0.0 <= out["cam_auc"] <= 1.0 and 0.0 <= out["aux_cam_auc"] <= 1.0
+
+
+def test_start_from_loads_the_vit_and_leaves_the_heads():
+    base, net = tiny_vit(1, depth=4), _net()
+    heads = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("vit.")}
+    net.start_from(base)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in net.vit.state_dict().items())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in heads.items())
+    with pytest.raises(TypeError):
+        net.start_from(torch.nn.Linear(2, 2))
+
+
+def test_the_zoo_starts_a_toco_entry_from_its_vit():
+    """Through the zoo's own path: a model with ``start_from`` takes its base that way (not a strict load of a
+    differently keyed state dict)."""
+    from vitlab import zoo
+
+    base, net = tiny_vit(2, depth=4), _net()
+    zoo._start_from(net, base)
+    assert torch.equal(net.vit.pos_embed, base.pos_embed)
+
+
+def test_lesson_entries_and_head_lr():
+    from vitlab import zoo
+    from vitlab.train import adamw_lr_scaled
+
+    assert T.entry_name("toco", 1) == "ch6_toco_toco_scenes_s1" and T.entry_name("cam", 0, "half").endswith("_half")
+    for v in T.VARIANTS:
+        r = zoo.ZOO[T.entry_name(v, 0)]
+        assert r.init == "ch6_vit_scenes_s0" and r.objective == "toco" and r.fit["head_lr_scale"] == 10.0
+    assert zoo.ZOO[T.entry_name("cam", 2)].objective_kwargs["w_ptc"] == 0.0
+    with pytest.raises(ValueError, match="variant"):
+        T.entry_name("ptc", 0)
+    with pytest.raises(ValueError, match="seed"):
+        T.entry_name("toco", 1, "half")
+    net = _net()
+    opt = adamw_lr_scaled(lambda m: m.head_parameters(), 10.0)(net, 1e-4, 0.01)
+    heads = {id(p) for p in net.head_parameters()}
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(1e-3 if id(g["params"][0]) in heads else 1e-4)

@@ -276,6 +276,12 @@ class ToCoNet(nn.Module):
         self.proj_head = ProjectionHead(D, proj_out_dim, proj_hidden_dim, proj_bottleneck_dim, proj_layers)
         self.proj_head_t = copy.deepcopy(self.proj_head).requires_grad_(False)
 
+    def start_from(self, vit) -> None:
+        """Load a trained course ViT's weights (all of them, strictly) into the backbone; the CAM and projection
+        heads stay as initialised. The zoo calls this for an entry that fine-tunes ToCo from a ViT entry."""
+        check_cls_vit(vit, "ToCoNet.start_from")
+        self.vit.load_state_dict(vit.state_dict(), strict=True)
+
     def head_parameters(self) -> list[nn.Parameter]:
         """The CAM heads and the student projection head: the parameters the official trains at 10x the lr."""
         return [*self.classifier.parameters(), *self.aux_classifier.parameters(), *self.proj_head.parameters()]
@@ -694,6 +700,41 @@ def cam_miou(cam: Tensor, masks: Tensor, labels: Tensor, *, bkg_thre: float = BK
     return _label_miou(pred, gt, cam.shape[1], per_class, ignore_index)
 
 
+def cam_auc(cam: Tensor, masks: Tensor, labels: Tensor) -> float:
+    """Threshold-free: the probability that a random object pixel's CAM value (for the image's own class) exceeds a
+    random background pixel's (pixel ROC AUC, ties counted half), over all pixels given. 0.5 is a CAM that does not
+    know where the object is, 1 one that ranks every object pixel first. ``cam`` [B, C, H, W], ``masks`` bool
+    [B, H, W], ``labels`` class indices [B]. (Not in the paper: its mIoU depends on one background threshold, and
+    on small objects a CAM that lights nothing scores well, which this measure does not reward.)"""
+    fn = "cam_auc"
+    check_ndim(cam, 4, "cam", fn)
+    if not isinstance(masks, Tensor) or masks.dtype != torch.bool or masks.shape != (cam.shape[0], *cam.shape[2:]):
+        raise ValueError(f"{fn}: masks must be bool [B, H, W] = {(cam.shape[0], *cam.shape[2:])}, got "
+                         f"{(tuple(masks.shape), masks.dtype) if isinstance(masks, Tensor) else type(masks).__name__}")
+    if not isinstance(labels, Tensor) or labels.shape != (cam.shape[0],) or labels.is_floating_point():
+        raise ValueError(f"{fn}: labels must be class indices [{cam.shape[0]}], got "
+                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+    own = cam[torch.arange(len(cam)), labels.long().to(cam.device)].flatten().double().cpu()
+    fg = masks.flatten().cpu()
+    n_fg, n_bg = int(fg.sum()), int((~fg).sum())
+    if n_fg == 0 or n_bg == 0:
+        raise ValueError(f"{fn}: masks must hold both object and background pixels")
+    ranks = _average_ranks(own)
+    return float((ranks[fg].sum() - n_fg * (n_fg + 1) / 2) / (n_fg * n_bg))
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """1-based ranks of ``x`` with ties given their average rank (the Mann-Whitney U statistic needs them)."""
+    order = x.argsort()
+    sorted_x = x[order]
+    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    avg = ends - (counts.double() - 1) / 2  # the mean of ranks end - count + 1 .. end
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = avg[inverse]
+    return ranks
+
+
 def _resize_labels(labels: Tensor, size: tuple[int, int], num_values: int) -> Tensor:
     """Majority vote of integer labels in 0..num_values-1 over each cell of a coarser grid (adaptive pooling)."""
     if tuple(labels.shape[-2:]) == tuple(size):
@@ -733,9 +774,10 @@ def measure_toco(net, images: Tensor, masks: Tensor, labels: Tensor, *, scales: 
                  low_thre: float = LOW_THRE, batch_size: int = 64) -> dict:
     """What the lesson reads off a trained ``ToCoNet`` on held-out images with masks (eval mode, restored after):
     ``acc`` (argmax of the class scores = label, single-label data), ``cam_miou`` / ``aux_cam_miou`` (foreground /
-    background, ``bkg_thre``) and ``cam_miou_class`` (per class) of the ``multi_scale_cam`` CAMs, ``token_cos`` /
-    ``aux_token_cos`` (``mean_pairwise_cosine`` of the final / aux patch tokens), and ``pseudo_acc`` /
-    ``pseudo_coverage`` of PTC's token pseudo labels (from the aux CAM) against each patch's majority label."""
+    background, ``bkg_thre``) and ``cam_miou_class`` (per class) of the ``multi_scale_cam`` CAMs, ``cam_auc`` /
+    ``aux_cam_auc`` (threshold-free; bool masks and class indices only), ``token_cos`` / ``aux_token_cos``
+    (``mean_pairwise_cosine`` of the final / aux patch tokens), and ``pseudo_acc`` / ``pseudo_coverage`` of PTC's
+    token pseudo labels (from the aux CAM) against each patch's majority label."""
     fn = "measure_toco"
     model = unwrap(net)
     if not isinstance(model, ToCoNet):
@@ -749,6 +791,7 @@ def measure_toco(net, images: Tensor, masks: Tensor, labels: Tensor, *, scales: 
     was_training = model.training
     model.eval()
     preds, aux_preds, pseudos = [], [], []  # label maps, not CAMs: a test set of CAMs would not fit comfortably
+    own, aux_own = [], []  # the own class's CAM only (single-label data), for the threshold-free cam_auc
     cos = aux_cos = hits = 0.0
     try:
         for i in range(0, len(images), batch_size):
@@ -757,6 +800,9 @@ def measure_toco(net, images: Tensor, masks: Tensor, labels: Tensor, *, scales: 
             out = model(x)
             cam, aux = multi_scale_cam(model, x, scales, flip)
             preds.append(cam_to_label(cam, targets, bkg_thre).cpu())
+            if y.ndim == 1:
+                own.append(cam[torch.arange(len(x)), y.long().to(x.device)].cpu())
+                aux_own.append(aux[torch.arange(len(x)), y.long().to(x.device)].cpu())
             aux_preds.append(cam_to_label(aux, targets, bkg_thre).cpu())
             pseudos.append(token_pseudo_labels(aux, targets, out.grid, bkg_thre=bkg_thre, high_thre=high_thre,
                                                low_thre=low_thre).cpu())
@@ -768,9 +814,81 @@ def measure_toco(net, images: Tensor, masks: Tensor, labels: Tensor, *, scales: 
         model.train(was_training)
     pred, aux_pred, gt, n, C = torch.cat(preds), torch.cat(aux_preds), gt_all.cpu(), len(images), model.num_classes
     pl = pseudo_label_accuracy(torch.cat(pseudos), gt)
+    aucs = {}
+    if labels.ndim == 1 and masks.dtype == torch.bool:
+        idx = torch.zeros(n, dtype=torch.long)  # the own-class maps stacked as a one-class CAM
+        aucs = {"cam_auc": cam_auc(torch.cat(own)[:, None], masks.cpu(), idx),
+                "aux_cam_auc": cam_auc(torch.cat(aux_own)[:, None], masks.cpu(), idx)}
     return {"acc": hits / n if labels.ndim == 1 else float("nan"),
             "cam_miou": _label_miou(pred, gt, C, False, IGNORE),
             "aux_cam_miou": _label_miou(aux_pred, gt, C, False, IGNORE),
             "cam_miou_class": _label_miou(pred, gt, C, True, IGNORE),
             "token_cos": cos / n, "aux_token_cos": aux_cos / n,
-            "pseudo_acc": pl["acc"], "pseudo_coverage": pl["coverage"]}
+            "pseudo_acc": pl["acc"], "pseudo_coverage": pl["coverage"], **aucs}
+
+
+# ------------------------------------------------------------------------------------------------ the lesson
+# ToCo fine-tuned from the scenes ViT (``scenes_vit``: chapter 1's plain ViT, 93 % on cluttered scenes, 8 x 8 tokens)
+# against the single-stage CAM baseline: the same ToCoNet, steps, lr, data and seeds, with the aux CAM, PTC and CTC
+# switched off. Training CAMs at scale 1.0 with the flip (the official adds 0.5 and 1.5: on 32-px images the 0.5 pass
+# is a 4 x 4 grid), 16-px local crops, the official 10x lr on the new heads.
+VARIANTS = {"toco": dict(w_aux=1.0, w_ptc=W_PTC, w_ctc=W_CTC), "cam": dict(w_aux=0.0, w_ptc=0.0, w_ctc=0.0)}
+SEEDS = (0, 1, 2)
+LESSON_TRAIN = dict(lr=1e-4, weight_decay=0.01, warmup=0.1, label_smoothing=0.0, shift=0, batch_size=32,
+                    head_lr_scale=10.0)
+STEPS = {"cpu": 600, "gpu": 20000}
+STEP_KWARGS = dict(cam_scales=[1.0], crop_size=16)  # a list: the checkpoint config round-trips it as it is
+
+
+def toco_vit(**vit_config) -> ToCoNet:
+    """The registry builder: a ToCoNet around a fresh course ViT of this config (the zoo then loads the trained
+    ViT through ``start_from``)."""
+    from vitlab.models import VisionTransformer
+
+    return ToCoNet(VisionTransformer(**vit_config))
+
+
+def toco_objective(w_aux: float, w_ptc: float, w_ctc: float, cam_scales=(1.0,), crop_size: int = 16):
+    """The zoo objective ``"toco"``: ``toco_step`` with these weights; the stored metrics are ``measure_toco`` on the
+    test scenes (CAM mIoU and AUC, token cosine, pseudo labels, accuracy)."""
+    from vitlab import zoo
+
+    def metrics(model, train, val, test):
+        return measure_toco(model, test.images, test.masks, test.labels)
+
+    return zoo.Objective(step_fn=toco_step(w_aux, w_ptc, w_ctc, cam_scales=tuple(cam_scales), crop_size=crop_size),
+                         metrics=metrics)
+
+
+def entry_name(variant: str, seed: int, steps: str = "full") -> str:
+    """The zoo entry ``ch6_toco_<variant>_scenes_s<seed>`` (``steps="half"``: the same run stopped at half the
+    steps, seed 0 only, which says whether the full run has plateaued)."""
+    check_choice(variant, tuple(VARIANTS), "variant", "entry_name")
+    check_choice(steps, ("full", "half"), "steps", "entry_name")
+    if isinstance(seed, bool) or seed not in SEEDS or (steps == "half" and seed != 0):
+        raise ValueError(f"entry_name: seed must be one of {SEEDS} (0 for steps='half'), got {seed!r}")
+    return f"ch6_toco_{variant}_scenes_s{seed}" + ("_half" if steps == "half" else "")
+
+
+def _register() -> None:
+    from vitlab import zoo
+    from vitlab.methods.robustness import scenes_vit as S
+    from vitlab.models.registry import MODELS, register_model
+
+    if "ch6_toco_scenes" in MODELS:  # re-imported
+        return
+    zoo.register_objective("toco", toco_objective)
+    register_model("ch6_toco_scenes", toco_vit, **S.CONFIG)
+    source, kwargs = S.DATA
+    for variant, weights in VARIANTS.items():
+        for seed in SEEDS:
+            for steps in ("full", "half") if seed == 0 else ("full",):
+                n = {p: (s if steps == "full" else s // 2) for p, s in STEPS.items()}
+                zoo.register(entry_name(variant, seed, steps), zoo.Recipe(
+                    model="ch6_toco_scenes", data=source, data_kwargs=dict(kwargs), fit=dict(LESSON_TRAIN),
+                    seed=seed, data_seed=S.R.DATA_SEED, per_profile={p: dict(steps=k) for p, k in n.items()},
+                    shares={"smoke": "cpu"}, init=S.vit_name(seed), objective="toco",
+                    objective_kwargs=dict(weights, **STEP_KWARGS)))
+
+
+_register()
