@@ -13,8 +13,8 @@ from .profiles import PROFILES
 
 __all__ = ["DATASET_NAMES", "MODEL_NAMES", "train_parser", "course_parser"]
 
-DATASET_NAMES = ("mnist5k", "mnist5k_lt", "digits8", "cluttered_scenes", "color_cells", "multichannel_digits", "cifar10",
-                 "cifar100")
+DATASET_NAMES = ("mnist5k", "mnist5k_lt", "digits8", "cluttered_scenes", "cells", "color_cells", "faces",
+                 "multichannel_digits", "cifar10", "cifar100")
 MODEL_NAMES = ("vit_nano", "vit_tiny", "vit_small", "vit_s16")
 OPTIMIZERS = ("adamw", "lion", "sgd")
 SCHEDULES = ("cosine", "constant")

@@ -5,8 +5,10 @@ import inspect
 
 from ..profiles import Profile
 from ..profiles import profile as get_profile
+from .cells import cells
 from .colors import color_cells
 from .dataset import ImageDataset, check_split, stratified_prefix
+from .faces import faces
 from .longtail import check_imbalance, long_tailed
 from .multichannel import multichannel_digits
 from .offline import digits8, mnist5k
@@ -36,7 +38,9 @@ DATASETS = {
     "mnist5k_lt": _mnist5k_lt,
     "digits8": digits8,
     "cluttered_scenes": cluttered_scenes,
+    "cells": cells,  # CellsDataset: int64 masks = instances * 4 + types (CellVTA)
     "color_cells": color_cells,  # PACE's "Color" set: 2 x 2 coloured cells, class = colour pair
+    "faces": faces,  # ViT-FIQA's procedural faces: labels = identity (64 seen), ds.severity per image
     "multichannel_digits": multichannel_digits,
     "thorax_xrays": thorax_xrays,  # MultiLabelDataset: labels [N,5]; cuts max_train itself
     "shape_volumes": shape_volumes,  # VolumeDataset [N,1,D,H,W]
