@@ -181,3 +181,90 @@ def test_tiny_forward_backward_and_bad_inputs():
     assert C.entry_name("adapter", 1) == "ch6_cellvta_adapter_s1"
     with pytest.raises(ValueError, match="mode"):
         C.entry_name("lora", 0)
+
+
+# ------------------------------------------------------------------ equivalence with the official CellVTA code
+# Expected numbers below were computed once from the official JieZheng-ShanghaiTech/CellVTA
+# ``models/encoders/adapter_modules.py`` (``MultiScaleDeformableAttention`` stubbed, ``MSDeformAttnFunction.apply``
+# routed to ``ms_deform_attn_core_pytorch``), loaded with the very weights ``_seeded`` puts into our modules
+# (parameter names equal except ours ``ffn.dwconv`` = official ``ffn.dwconv.dwconv``). Ours matched the official to
+# max |diff| 0 (MSDeformAttn, Injector, SPM) and 1.2e-6 (InteractionBlock's adapter tokens). The official code is
+# not needed here. Token grid 2 x 3 (16 x 24 px, patch 8): non-square, so an (x, y) / (H, W) swap would show;
+# our deform_inputs there equals the official deform_inputs on 32 x 48 px (patch 16).
+def _seeded(module, seed):
+    """Every float tensor of the state dict, in sorted-name order, from one generator (running_var positive)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in sorted(module.state_dict().items()):
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var")
+                        else torch.randn(t.shape, generator=g) * 0.5)
+    return module
+
+
+def _close(got, expect, atol=1e-5):
+    assert torch.allclose(got.detach().flatten(), torch.tensor(expect), atol=atol, rtol=0), (got, expect)
+
+
+def test_deform_inputs_match_official_levels():
+    """Official ``deform_inputs`` hard-codes /4, /8, /16; ours at patch 16 is that, exactly (hand-copied here)."""
+    x = torch.zeros(1, 3, 32, 48)
+    (r1, s1, i1), (r2, s2, i2) = C.deform_inputs(x, 16)
+    assert s1.tolist() == [[8, 12], [4, 6], [2, 3]] and i1.tolist() == [0, 96, 120]
+    assert s2.tolist() == [[2, 3]] and i2.tolist() == [0] and r2.shape == (1, 126, 1, 2)
+    centres = torch.tensor([[1, 1], [3, 1], [5, 1], [1, 3], [3, 3], [5, 3]]) / torch.tensor([6, 4])  # (x, y)
+    assert torch.allclose(r1[0, :, 0], centres)
+    small = C.deform_inputs(torch.zeros(1, 3, 16, 24), 8)  # patch 8 at half the size: the same levels
+    for a, b in zip(small, C.deform_inputs(x, 16)):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_msdeformattn_matches_official_numbers():
+    """3 levels (8x12, 4x6, 2x3), 2 heads, 2 points, random offsets and logits (points land in and outside)."""
+    attn = _seeded(C.MSDeformAttn(8, 3, 2, 2), 0)
+    in1, _ = C.deform_inputs(torch.zeros(1, 3, 16, 24), 8)
+    g = torch.Generator().manual_seed(1)
+    query, feat = torch.randn(2, 6, 8, generator=g), torch.randn(2, 126, 8, generator=g)
+    with torch.no_grad():
+        out = attn(query, in1[0], feat, in1[1])
+    assert out.shape == (2, 6, 8)
+    assert float(out.sum()) == pytest.approx(27.55147, abs=1e-4)
+    _close(out[0, 0], [0.002061, -0.143457, 1.044236, 1.607219, -0.116348, -0.285109, -0.746729, 0.647005])
+    _close(out[1, 5], [2.824157, 1.875994, -0.312937, 2.212981, -2.496964, -1.994558, -1.955791, -0.084502])
+
+
+def test_interaction_block_matches_official_numbers():
+    """Injector (gamma random, nonzero) -> one block (Linear + GELU) on the patch tokens -> Extractor + 2 extra
+    extractors with ConvFFN. The official DWConv splits by N // 21; here (levels 16:4:1 of 6) it agrees with ours."""
+    ib = _seeded(C.InteractionBlock(8, 2, 2, True, 0.25, 0.0, extra_extractor=True), 2)
+    blk = _seeded(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()), 3)
+    assert float(ib.injector.gamma.detach().abs().min()) > 0
+    in1, in2 = C.deform_inputs(torch.zeros(1, 3, 16, 24), 8)
+    g = torch.Generator().manual_seed(4)
+    x, c = torch.randn(2, 7, 8, generator=g), torch.randn(2, 126, 8, generator=g)  # CLS + 2 x 3 tokens
+    with torch.no_grad():
+        x_out, c_out = ib(x, c, [blk], in1, in2)
+    assert torch.equal(x_out[:, 0], x[:, 0])
+    assert float(x_out.sum()) == pytest.approx(57.21533, abs=1e-4)
+    _close(x_out[0, 1], [-0.012271, -0.049194, 0.601455, -0.127713, -0.014538, -0.000161, 0.850789, 2.236694])
+    _close(x_out[1, 6], [0.990756, -0.145056, -0.156649, -0.169695, -1e-06, -0.00497, 3.388547, -0.023509])
+    assert float(c_out.sum()) == pytest.approx(173.49847, abs=2e-4)
+    _close(c_out[0, 0], [-1.707933, -2.047315, -1.947766, 1.467869, -1.81809, -2.078879, 1.382969, -2.502097])
+    _close(c_out[0, 100], [-0.349064, 0.921224, 2.407073, 0.207379, 0.051725, 0.084694, 4.398639, -1.860868])
+    _close(c_out[1, 125], [1.16042, 0.033908, 0.796971, 1.221103, -2.12185, -3.240812, 2.113609, -2.98932])
+
+
+def test_spatial_prior_module_matches_official_numbers():
+    """Official SPM with its stem's last conv set to stride 1 (our documented pyramid-stride deviation; otherwise
+    the same layers and names), eval mode, inplanes 2, width 8, a 16 x 24 image: c1 at 16 x 24, c2..c4 tokens."""
+    spm = _seeded(C.SpatialPriorModule(2, 8), 5).eval()
+    img = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        outs = spm(img)
+    assert [tuple(t.shape) for t in outs] == [(1, 8, 16, 24), (1, 96, 8), (1, 24, 8), (1, 6, 8)]
+    sums = [-616.58777, -107.24371, 14.11667, -14.30443]
+    tails = [[0.106436, 0.112149, 0.095466], [-0.434727, -0.54284, -0.939137], [-0.268621, -0.281731, 0.400902],
+             [0.20717, -0.626068, 0.014081]]
+    for t, s, tail in zip(outs, sums, tails):
+        assert float(t.sum()) == pytest.approx(s, abs=5e-4)
+        _close(t.flatten()[-3:], tail)
