@@ -28,7 +28,7 @@ from .checkpoint import FORMAT, load_checkpoint, save_checkpoint, state_hash
 from .checkpoint import writable as _writable
 from .profiles import Profile, profile as get_profile
 
-__all__ = ["Recipe", "ZOO", "register", "get", "Objective", "OBJECTIVES", "register_objective", "path_for", "save_checkpoint", "load_checkpoint",
+__all__ = ["Recipe", "ZOO", "register", "get", "available", "Objective", "OBJECTIVES", "register_objective", "path_for", "save_checkpoint", "load_checkpoint",
            "state_hash", "checkpoint_dir", "plateau_gain"]
 
 
@@ -281,6 +281,18 @@ def _start_from(model, base) -> None:
         base.load_into(model)
     else:
         model.load_state_dict(base.state_dict(), strict=True)
+
+
+def available(name: str, profile: Profile | str | None = None) -> bool:
+    """Whether ``get(name, profile)`` would load a checkpoint rather than train one: the file exists and holds the
+    current recipe's weights (a fine-tune's base must be trained already: its hash is part of the recipe). For a
+    comparison that reads what is there and never starts a long training."""
+    path = path_for(name, profile)  # raises for an unknown entry
+    if not path.exists():
+        return False
+    recipe = ZOO[name]
+    P = get_profile(recipe.checkpoint_profile(get_profile(profile).name))
+    return _valid(path, _config(recipe, P), recipe, warn=False) is not None
 
 
 def measured(name: str, key: str, fn, profile: Profile | str | None = None) -> dict:

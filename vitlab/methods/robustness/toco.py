@@ -836,7 +836,7 @@ VARIANTS = {"toco": dict(w_aux=1.0, w_ptc=W_PTC, w_ctc=W_CTC), "cam": dict(w_aux
 SEEDS = (0, 1, 2)
 LESSON_TRAIN = dict(lr=1e-4, weight_decay=0.01, warmup=0.1, label_smoothing=0.0, shift=0, batch_size=32,
                     head_lr_scale=10.0)
-STEPS = {"cpu": 600, "gpu": 20000}
+STEPS = {"cpu": 1200, "gpu": 20000}
 STEP_KWARGS = dict(cam_scales=[1.0], crop_size=16)  # a list: the checkpoint config round-trips it as it is
 
 
@@ -860,14 +860,17 @@ def toco_objective(w_aux: float, w_ptc: float, w_ctc: float, cam_scales=(1.0,), 
                          metrics=metrics)
 
 
+LENGTHS = {"full": 1.0, "half": 0.5, "double": 2.0}  # the plateau check: seed 0 also at half and twice the steps
+
+
 def entry_name(variant: str, seed: int, steps: str = "full") -> str:
-    """The zoo entry ``ch6_toco_<variant>_scenes_s<seed>`` (``steps="half"``: the same run stopped at half the
-    steps, seed 0 only, which says whether the full run has plateaued)."""
+    """The zoo entry ``ch6_toco_<variant>_scenes_s<seed>``; ``steps="half"`` / ``"double"``: the same recipe trained
+    for half / twice the steps (seed 0 only), which says whether the full runs have plateaued."""
     check_choice(variant, tuple(VARIANTS), "variant", "entry_name")
-    check_choice(steps, ("full", "half"), "steps", "entry_name")
-    if isinstance(seed, bool) or seed not in SEEDS or (steps == "half" and seed != 0):
-        raise ValueError(f"entry_name: seed must be one of {SEEDS} (0 for steps='half'), got {seed!r}")
-    return f"ch6_toco_{variant}_scenes_s{seed}" + ("_half" if steps == "half" else "")
+    check_choice(steps, tuple(LENGTHS), "steps", "entry_name")
+    if isinstance(seed, bool) or seed not in SEEDS or (steps != "full" and seed != 0):
+        raise ValueError(f"entry_name: seed must be one of {SEEDS} (0 for steps={steps!r}), got {seed!r}")
+    return f"ch6_toco_{variant}_scenes_s{seed}" + ("" if steps == "full" else f"_{steps}")
 
 
 def _register() -> None:
@@ -882,8 +885,8 @@ def _register() -> None:
     source, kwargs = S.DATA
     for variant, weights in VARIANTS.items():
         for seed in SEEDS:
-            for steps in ("full", "half") if seed == 0 else ("full",):
-                n = {p: (s if steps == "full" else s // 2) for p, s in STEPS.items()}
+            for steps in LENGTHS if seed == 0 else ("full",):
+                n = {p: int(s * LENGTHS[steps]) for p, s in STEPS.items()}
                 zoo.register(entry_name(variant, seed, steps), zoo.Recipe(
                     model="ch6_toco_scenes", data=source, data_kwargs=dict(kwargs), fit=dict(LESSON_TRAIN),
                     seed=seed, data_seed=S.R.DATA_SEED, per_profile={p: dict(steps=k) for p, k in n.items()},
