@@ -1,9 +1,9 @@
-"""The shared argument checks in ``vitlab.checks``: ``check_heads`` and ``check_images``."""
+"""The shared argument checks in ``vitlab.checks``: ``check_heads``, ``check_images`` and ``check_batch``."""
 import numpy as np
 import pytest
 import torch
 
-from vitlab.checks import check_heads, check_images
+from vitlab.checks import check_batch, check_heads, check_images
 
 
 def test_check_heads_returns_the_head_width():
@@ -45,3 +45,13 @@ def test_check_images_rejects(x, match):
 def test_check_images_names_the_argument():
     with pytest.raises(ValueError, match=r"M: images is \(3, 8, 8\)"):
         check_images(torch.zeros(1, 3, 8, 8), 1, 8, "M", name="images")
+
+
+def test_check_batch_names_the_argument():
+    check_batch(torch.zeros(2, 1, 4, 4), torch.zeros(2), "f")
+    with pytest.raises(ValueError, match="f: images must be a tensor \\[N, C, H, W\\], got \\(2, 4, 4\\)"):
+        check_batch(torch.zeros(2, 4, 4), torch.zeros(2), "f")
+    with pytest.raises(ValueError, match="f: labels must be a tensor \\[N=2\\], got \\(3,\\)"):
+        check_batch(torch.zeros(2, 1, 4, 4), torch.zeros(3), "f")
+    with pytest.raises(ValueError, match="labels must be a tensor \\[N=2\\], got list"):
+        check_batch(torch.zeros(2, 1, 4, 4), [0, 1], "f")

@@ -75,6 +75,16 @@ def check_images(x, in_chans: int, img_size: int, fn: str, name: str = "x"):
     return x
 
 
+def check_batch(images, labels, fn: str) -> None:
+    """``images`` an image batch [N, C, H, W] and ``labels`` a tensor [N] of as many labels."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(f"{fn}: images must be a tensor [N, C, H, W], got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (len(images),):
+        raise ValueError(f"{fn}: labels must be a tensor [N={len(images)}], got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+
+
 def check_model(model, fn: str) -> nn.Module:
     """``model`` if it is an nn.Module."""
     if not isinstance(model, nn.Module):

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitlab.checks import check_int
+from vitlab.checks import check_batch, check_int
 from vitlab.measure import accuracy
 from vitlab.models import VisionTransformer
 
@@ -48,15 +48,6 @@ def _check_vit(model, fn: str) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"{fn}: model must be a course VisionTransformer, got {type(model).__name__}")
     return model
-
-
-def _check_batch(images, labels, fn: str) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        raise ValueError(f"{fn}: images must be a tensor [N, C, H, W], got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
-    if not isinstance(labels, Tensor) or labels.shape != (len(images),):
-        raise ValueError(f"{fn}: labels must be a tensor [N={len(images)}], got "
-                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
 
 
 def _gate_shape(model: VisionTransformer) -> tuple[int, int]:
@@ -93,7 +84,7 @@ def gated_heads(model: VisionTransformer, gates: Tensor):
 def ablation_importance(model: VisionTransformer, images: Tensor, labels: Tensor, batch_size: int = 500) -> Tensor:
     """[depth, heads]: the clean accuracy minus the accuracy with that one head switched off (gate 0)."""
     _check_vit(model, "ablation_importance")
-    _check_batch(images, labels, "ablation_importance")
+    check_batch(images, labels, "ablation_importance")
     model.eval()
     base = accuracy(model, (images, labels), batch_size=batch_size)
     depth, heads = _gate_shape(model)
@@ -111,7 +102,7 @@ def taylor_importance(model: VisionTransformer, images: Tensor, labels: Tensor, 
     """[depth, heads]: |∂L/∂ξ| at ξ = 1, L the mean cross-entropy of a batch, averaged over batches of
     ``batch_size`` (Michel et al.'s head importance). One backward per batch; the parameters get no gradient."""
     _check_vit(model, "taylor_importance")
-    _check_batch(images, labels, "taylor_importance")
+    check_batch(images, labels, "taylor_importance")
     check_int(batch_size, "batch_size", "taylor_importance", low=1)
     model.eval()
     gates = torch.ones(_gate_shape(model), requires_grad=True)

@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from vitlab.attacks import pgd
-from vitlab.checks import check_choice, check_int, check_model, check_number
+from vitlab.checks import check_batch, check_choice, check_int, check_model, check_number
 from vitlab.data import CORRUPTIONS, corrupt
 from vitlab.measure import accuracy, count_params, latency
 from vitlab.methods.architectures import recipes as R
@@ -97,12 +97,7 @@ def corruption_accuracies(model: nn.Module, images: Tensor, labels: Tensor, *, k
     every model."""
     fn = "corruption_accuracies"
     check_model(model, fn)
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        raise ValueError(f"{fn}: images must be a tensor [N, C, H, W], got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
-    if not isinstance(labels, Tensor) or labels.shape != (len(images),):
-        raise ValueError(f"{fn}: labels must be a tensor [N={len(images)}], got "
-                         f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+    check_batch(images, labels, fn)
     if isinstance(kinds, str) or not kinds:
         raise ValueError(f"{fn}: kinds must be a non-empty sequence of {CORRUPTIONS}, got {kinds!r}")
     for kind in kinds:
