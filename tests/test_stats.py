@@ -63,3 +63,13 @@ def test_late_loss_drop_by_hand():
         stats.late_loss_drop([1.0] * 8, fraction=0.7)
     with pytest.raises(ValueError, match="at least 2"):
         stats.late_loss_drop([1.0])
+
+
+def test_verdict_reads_the_gap_against_two_standard_errors():
+    assert stats.verdict(stats.paired_gap([1.0, 1.2, 1.1], [0.0, 0.1, 0.0])) == "above"
+    assert stats.verdict(stats.paired_gap([0.0, 0.1, 0.0], [1.0, 1.2, 1.1])) == "below"
+    assert stats.verdict(stats.paired_gap([0.1, -0.1, 0.05], [0.0, 0.0, 0.0])) == "within the seed spread of"
+    assert stats.verdict(stats.Spread(0.3, 0.1, 3)) == "above" and stats.verdict(stats.Spread(0.3, 0.1, 3), k=3) \
+        == "within the seed spread of"
+    with pytest.raises(TypeError, match="gap must be a Spread"):
+        stats.verdict(0.3)

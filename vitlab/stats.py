@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Spread", "spread", "paired_gap", "kendall_tau", "plateau_text", "late_loss_drop"]
+__all__ = ["Spread", "spread", "paired_gap", "verdict", "kendall_tau", "plateau_text", "late_loss_drop"]
 
 
 def _floats(values, name: str, fn: str) -> list[float]:
@@ -75,6 +75,14 @@ def paired_gap(method, control) -> Spread:
     if len(a) != len(b):
         raise ValueError(f"paired_gap: method and control need one value per seed each, got {len(a)} and {len(b)}")
     return spread([x - y for x, y in zip(a, b)])
+
+
+def verdict(gap: Spread, k: float = 2.0) -> str:
+    """Where a paired gap lies against zero, as the lessons say it: "above" (mean - k SE > 0), "below"
+    (mean + k SE < 0) or "within the seed spread of" zero."""
+    if not isinstance(gap, Spread):
+        raise TypeError(f"verdict: gap must be a Spread (stats.paired_gap), got {type(gap).__name__}")
+    return "above" if gap.lower(k) > 0 else "below" if gap.upper(k) < 0 else "within the seed spread of"
 
 
 def kendall_tau(a, b) -> float:
