@@ -199,3 +199,105 @@ def test_matched_vit():
     vit, mac = V.matched_vit(m)
     assert isinstance(vit, VisionTransformer) and vit.embed_dim == 64 and vit.patch_embed.patch_size == 4
     assert abs(mac["vit"] - mac["vitamin"]) <= 0.25 * mac["vitamin"]
+
+
+# ------------------------------------------------------------------------------------------ the lesson's zoo
+def test_clip_model_towers():
+    from vitlab.measure import macs
+
+    vit_clip, vitamin_clip = V.clip_model("vit"), V.clip_model("vitamin", num_classes=4000)  # num_classes ignored
+    assert isinstance(vitamin_clip.image_encoder, V.ViTamin)
+    assert isinstance(vit_clip.image_encoder, VisionTransformer)
+    # the same text tower architecture, the image towers at ~equal MACs
+    assert [p.shape for p in vit_clip.text_encoder.parameters()] == \
+        [p.shape for p in vitamin_clip.text_encoder.parameters()]
+    x = _images(2)
+    a, b = macs(vitamin_clip.image_encoder, x[:1]), macs(vit_clip.image_encoder, x[:1])
+    assert abs(a - b) <= 0.25 * a
+    ids = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+    assert vit_clip(x, ids).shape == vitamin_clip(x, ids).shape == (2, 2)
+    with pytest.raises(ValueError, match="tower"):
+        V.clip_model("resnet")
+
+
+def test_caption_dataset_and_prompts():
+    from vitlab import data
+    from vitlab.vlm import VOCAB, caption_scenes
+
+    ds = data.load("vlm_caption_scenes", "val", "cpu", img_size=32)
+    cs = caption_scenes("val")
+    assert torch.equal(ds.images, cs.images) and ds.labels.tolist() == list(range(len(cs)))
+    assert ds.classes == list(cs.captions) and ds.num_classes == len(cs)
+    for task, k, per in (("object", 16, 10), ("shape", 4, 40), ("colour", 4, 40)):
+        names, prompts = V.zero_shot_prompts(task)
+        assert len(names) == len(prompts) == k and all(len(p) == per for p in prompts)
+        assert all(w in VOCAB for g in prompts for p in g for w in p.split())
+    # every one-object caption the generator writes is one of its class's prompts
+    names, prompts = V.zero_shot_prompts("object")
+    for objs, cap in zip(cs.objects, cs.captions):
+        if len(objs) == 1:
+            assert cap in prompts[names.index(f"{objs[0].colour} {objs[0].shape}")]
+    with pytest.raises(ValueError, match="task"):
+        V.zero_shot_prompts("size")
+
+
+def test_zero_shot_accuracy_and_measure_bad_input():
+    from vitlab.vlm import caption_scenes
+
+    clip = V.clip_model("vit")
+    acc = V.zero_shot_accuracy(clip, caption_scenes("val", n=60), "colour")
+    assert 0.0 <= acc <= 1.0
+    with pytest.raises(TypeError, match="CaptionScenes"):
+        V.zero_shot_accuracy(clip, torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="one-object"):
+        V.zero_shot_accuracy(clip, caption_scenes("val").subset(
+            [i for i, o in enumerate(caption_scenes("val").objects) if len(o) > 1][:5]))
+    with pytest.raises(TypeError, match="TinyCLIP"):
+        V.measure(V.vitamin_tiny())
+
+
+def test_zoo_entries_are_equal_step_controls():
+    from vitlab import zoo
+
+    recipes = {(t, s): zoo.ZOO[V.entry_name(t, s)] for t in V.TOWERS for s in V.SEEDS}
+    for (t, s), r in recipes.items():
+        assert r.model == V.model_name(t) and r.seed == s and r.objective == "clip"
+        assert r.shares == {"smoke": "cpu"} and r.data_seed == V.DATA_SEED
+        other = recipes[("vit" if t == "vitamin" else "vitamin", s)]
+        # everything but the image tower is identical between the two towers of a seed
+        assert r.config("cpu") | {"model": None} == other.config("cpu") | {"model": None}
+    assert zoo.path_for(V.entry_name("vit", 0), "smoke") == zoo.path_for(V.entry_name("vit", 0), "cpu")
+    for t in V.TOWERS:  # the longer run differs from seed 0's entry in its steps (and eval spacing) only
+        long, base = zoo.ZOO[V.entry_name(t, 0, long=True)], recipes[(t, 0)]
+        assert long.config("cpu")["fit"] == {**base.config("cpu")["fit"], "steps": V.LONG_STEPS["cpu"]}
+        assert long.model == base.model and long.seed == base.seed and long.data == base.data
+    assert V.LONG_STEPS["cpu"] == 2 * V.STEPS["cpu"]
+    with pytest.raises(ValueError, match="seed"):
+        V.entry_name("vit", 3)
+    with pytest.raises(ValueError, match="seed"):
+        V.entry_name("vit", 1, long=True)
+    with pytest.raises(ValueError, match="tower"):
+        V.model_name("deit")
+
+
+def test_clip_objective_steps_and_curve():
+    from vitlab import data, zoo
+
+    obj = zoo.OBJECTIVES["clip"](data_seed=0, eval_every=2)
+    train = data.load("vlm_caption_scenes", "train", "cpu", img_size=32)
+    torch.manual_seed(0)
+    clip = V.clip_model("vit")
+    opt = torch.optim.AdamW(clip.parameters(), lr=1e-3)
+    idx = torch.arange(16)
+    losses = []
+    for _ in range(3):
+        loss, logits = obj.step_fn(clip, train.images[idx], idx)
+        assert logits is None and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    m = obj.metrics(clip.eval(), train, None, None)
+    assert m["val_curve_step"] == [0, 2, 3] and len(m["val_curve_zs"]) == 3
+    assert {"test_zs_object", "test_r1_i2t", "val_r5_t2i", "logit_scale"} <= set(m)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from ..profiles import Profile
 from ..profiles import profile as get_profile
 from .cells import cells
@@ -32,6 +34,16 @@ def _mnist5k_lt(split: str = "train", *, seed: int = 0, imbalance: float = 100) 
     return long_tailed(ds, imbalance, seed=seed)
 
 
+def vlm_caption_scenes(split: str = "train", *, seed: int = 0, img_size: int = 32, n: int | None = None) -> ImageDataset:
+    """``vitlab.vlm.caption_scenes`` as an ImageDataset for chapter 7's zoo entries: labels = scene index (each lesson's
+    objective looks the scene's caption and questions up by it), classes = captions."""
+    from ..vlm import caption_scenes  # chapter 7's core, loaded only when asked for
+
+    cs = caption_scenes(split, seed=seed, img_size=img_size, n=n)
+    return ImageDataset(cs.images, torch.arange(len(cs)), name="vlm_caption_scenes", split=split,
+                        classes=list(cs.captions))
+
+
 # name -> loader(split, **kwargs); `seed` and `allow_download` are passed only to loaders that take them
 DATASETS = {
     "mnist5k": mnist5k,
@@ -44,6 +56,7 @@ DATASETS = {
     "multichannel_digits": multichannel_digits,
     "thorax_xrays": thorax_xrays,  # MultiLabelDataset: labels [N,5]; cuts max_train itself
     "shape_volumes": shape_volumes,  # VolumeDataset [N,1,D,H,W]
+    "vlm_caption_scenes": vlm_caption_scenes,  # chapter 7: labels = scene index into vitlab.vlm.caption_scenes
     "cifar10": cifar10,
     "cifar100": cifar100,
 }

@@ -50,6 +50,13 @@ Our reading, and every deviation from the official code, named:
   no ``HybridEmbed`` projection (the official uses ``proj=False``: the strided conv already gives the ViT width).
 - ``matched_vit`` (not in the paper) gives the lesson its baseline: the course ViT with the same width and heads
   whose depth puts its MACs closest to the ViTamin's (``vitlab.measure.macs``).
+
+The lesson's zoo (end of this file): the objective ``"clip"`` (symmetric InfoNCE, val zero-shot / R@1 curve), the
+dataset ``"vlm_caption_scenes"`` of ``vitlab.data`` (labels = scene index), the models
+``ch7_vitamin_clip`` / ``ch7_vit_clip`` (``clip_model``) and the entries ``ch7_{vitamin,vit}_clip_s{0,1,2}``
+(``STEPS``, same lr, data and seeds; smoke shares cpu) plus ``ch7_{vitamin,vit}_clip_long_s0`` (``LONG_STEPS``: the
+plateau check by a longer run). Why 2,000 steps: at 1,000 the ViT was short of its plateau (seed 0: 16-way zero-shot
+30.8 % -> 41.6 % at 2,000); from 2,000 to 4,000 both towers move by at most 2 points (the lesson shows the numbers).
 """
 from __future__ import annotations
 
@@ -65,7 +72,8 @@ from vitlab.models.vit import Block, LayerNorm, init_linear_
 
 __all__ = ["LayerNorm2d", "ConvStem", "Downsample2d", "MBConvLNBlock", "StridedConv", "MBConvStages", "ConvEmbed",
            "geglu", "GeGLUMlp", "GeGLUBlock", "ViTamin", "vitamin_tiny", "vitamin_small", "matched_vit",
-           "init_conv_"]
+           "init_conv_", "TOWERS", "SEEDS", "DATA_SEED", "STEPS", "LONG_STEPS", "FIT", "EVAL_EVERY", "clip_model",
+           "zero_shot_prompts", "zero_shot_accuracy", "measure", "clip_objective", "model_name", "entry_name"]
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -375,3 +383,176 @@ def matched_vit(model: ViTamin, patch_size: int = 4, *, max_depth: int = 24, **o
     depth = min(max(1, round((target - rest) / per_block)), max_depth)
     vit = VisionTransformer(**(cfg | {"depth": depth}))
     return vit, {"vitamin": target, "vit": rest + depth * per_block}
+
+
+
+# ----------------------------------------------------------------------------------------------- the lesson's zoo
+# A tiny CLIP on ``vitlab.vlm.caption_scenes`` (32 px) with either image tower, the same text tower (2 x 64
+# bidirectional ``TextEncoder``, eos pooling), a 64-d joint space and CLIP's learnable, clamped temperature. Both
+# towers train with the same steps, lr, data (the same 4,000 scenes, ``DATA_SEED``) and seeds (weights and batch
+# order); only the image tower differs. The objective "clip" (none existed in the zoo) logs a val curve.
+TOWERS = ("vitamin", "vit")
+SEEDS = (0, 1, 2)
+DATA_SEED = 0
+STEPS = {"cpu": 2000, "gpu": 20000}  # smoke shares cpu's checkpoints (committed)
+LONG_STEPS = {"cpu": 4000, "gpu": 40000}  # plateau evidence: seed 0 of each tower trained twice as long
+FIT = dict(lr=1e-3, weight_decay=0.05, warmup=0.1, batch_size=64, grad_clip=1.0, label_smoothing=0.0)
+EVAL_EVERY = 100  # val zero-shot and R@1 every EVAL_EVERY steps: the plateau curve
+
+
+def clip_model(tower: str = "vitamin", img_size: int = 32, in_chans: int = 3, num_classes: int = 0, *,
+               embed_dim: int = 64, text_dim: int = 64, text_depth: int = 2, text_heads: int = 2):
+    """TinyCLIP with image tower ``tower`` ("vitamin": ``vitamin_tiny``; "vit": its ``matched_vit``, the course
+    ViT of ~equal MACs) and a ``TextEncoder`` over the ``WordTokenizer``'s vocabulary. ``num_classes`` is ignored
+    (the zoo passes the dataset's; a CLIP has no classifier head)."""
+    from vitlab.vlm import TextEncoder, TinyCLIP, WordTokenizer
+
+    check_choice(tower, TOWERS, "tower", "clip_model")
+    image = vitamin_tiny(img_size=img_size, in_chans=in_chans)
+    if tower == "vit":
+        image, _ = matched_vit(image)
+    text = TextEncoder(len(WordTokenizer()), dim=text_dim, depth=text_depth, num_heads=text_heads)
+    return TinyCLIP(image, text, embed_dim=embed_dim)
+
+
+def zero_shot_prompts(task: str = "object"):
+    """(class names, prompt ensembles) of a zero-shot task on one-object scenes, every prompt a caption the
+    generator could write: "object" (16 classes colour x shape; prompts over the 2 sizes x 5 places), "shape" or
+    "colour" (4 classes; prompts over the other attributes: 40 each)."""
+    from vitlab.vlm.data import _PHRASE, COLOURS, SHAPES, SIZES
+
+    check_choice(task, ("object", "shape", "colour"), "task", "zero_shot_prompts")
+    if task == "object":
+        names = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+        return names, [[f"a {z} {c} {s} {ph}" for z in SIZES for ph in _PHRASE.values()]
+                       for c in COLOURS for s in SHAPES]
+    if task == "shape":
+        return list(SHAPES), [[f"a {z} {c} {s} {ph}" for z in SIZES for c in COLOURS for ph in _PHRASE.values()]
+                              for s in SHAPES]
+    return list(COLOURS), [[f"a {z} {c} {s} {ph}" for z in SIZES for s in SHAPES for ph in _PHRASE.values()]
+                           for c in COLOURS]
+
+
+def zero_shot_accuracy(model, data, task: str = "object", *, ensemble: bool = True) -> float:
+    """Zero-shot accuracy of a TinyCLIP on ``data``'s (``CaptionScenes``) one-object scenes for ``task``
+    (``zero_shot_prompts``); ``ensemble=False`` uses each class's first prompt alone. Chance: 1 / classes."""
+    from vitlab.vlm import CaptionScenes, zero_shot_classify
+    from vitlab.vlm.data import COLOURS, SHAPES
+
+    if not isinstance(data, CaptionScenes):
+        raise TypeError(f"zero_shot_accuracy: data must be CaptionScenes, got {type(data).__name__}")
+    names, prompts = zero_shot_prompts(task)
+    one = [i for i, objs in enumerate(data.objects) if len(objs) == 1]
+    if not one:
+        raise ValueError("zero_shot_accuracy: these scenes hold no one-object scene to classify")
+    objs = [data.objects[i][0] for i in one]
+    if task == "object":
+        y = [COLOURS.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape) for o in objs]
+    else:
+        y = [SHAPES.index(o.shape) if task == "shape" else COLOURS.index(o.colour) for o in objs]
+    pred = zero_shot_classify(model, data.images[one], prompts if ensemble else [p[0] for p in prompts])
+    return float((pred.cpu() == torch.tensor(y)).float().mean())
+
+
+def measure(model, split: str = "test", *, n: int | None = None) -> dict:
+    """A TinyCLIP's scores on ``caption_scenes(split, seed=DATA_SEED)``: zero-shot accuracy (``zs_object`` 16-way,
+    ``zs_shape`` / ``zs_colour`` 4-way, prompt ensembles; ``zs_object_single``: one prompt per class) on the
+    one-object scenes, and retrieval recall ``r1_i2t``, ``r1_t2i``, ``r5_i2t``, ``r5_t2i`` over all scenes."""
+    from vitlab.vlm import TinyCLIP, WordTokenizer, caption_scenes, recall_at_k
+
+    if not isinstance(model, TinyCLIP):
+        raise TypeError(f"measure: model must be a TinyCLIP, got {type(model).__name__}")
+    data = caption_scenes(split, seed=DATA_SEED, n=n)
+    out = {f"zs_{t}": zero_shot_accuracy(model, data, t) for t in ("object", "shape", "colour")}
+    out["zs_object_single"] = zero_shot_accuracy(model, data, "object", ensemble=False)
+    ids, _ = WordTokenizer().batch_encode(list(data.captions), eos=True)
+    for k in (1, 5):
+        r = recall_at_k(model, data.images, ids, k)
+        out[f"r{k}_i2t"], out[f"r{k}_t2i"] = r["i2t"], r["t2i"]
+    return out
+
+
+def clip_objective(data_seed: int = DATA_SEED, eval_every: int = EVAL_EVERY):
+    """The zoo objective ``"clip"``: symmetric InfoNCE (``vitlab.vlm.clip_loss``) of each image of the batch with its
+    caption (the dataset's labels are scene indices into ``caption_scenes("train", seed=data_seed)``). Every
+    ``eval_every`` steps it logs val zero-shot (16-way object) accuracy and mean R@1 (the plateau curve); the
+    checkpoint stores ``measure`` on test (``test_*``), on val (``val_*``) and that curve."""
+    from vitlab import zoo
+    from vitlab.vlm import WordTokenizer, caption_scenes, clip_loss
+
+    data_seed = check_int(data_seed, "data_seed", "clip_objective", low=0)
+    eval_every = check_int(eval_every, "eval_every", "clip_objective")
+    state = {"step": 0, "curve": []}
+
+    def val_point(net):
+        from vitlab.vlm import recall_at_k
+
+        if "val" not in state:
+            state["val"] = caption_scenes("val", seed=data_seed)
+            state["val_text"] = WordTokenizer().batch_encode(list(state["val"].captions), eos=True)[0]
+        zs = zero_shot_accuracy(net, state["val"], "object")
+        r1 = recall_at_k(net, state["val"].images, state["val_text"], 1)
+        state["curve"].append((state["step"], zs, (r1["i2t"] + r1["t2i"]) / 2))
+
+    def step_fn(net, images, idx):
+        if "text" not in state:
+            cs = caption_scenes("train", seed=data_seed, img_size=images.shape[-1])
+            state["text"] = WordTokenizer().batch_encode(list(cs.captions), eos=True)[0]
+        if state["step"] % eval_every == 0:
+            was = net.training
+            val_point(net)
+            net.train(was)
+        state["step"] += 1
+        return clip_loss(net(images, state["text"][idx.cpu()].to(images.device))), None
+
+    def metrics(model, train, val, test):
+        val_point(model)
+        v, t = measure(model, "val"), measure(model, "test")
+        curve = state["curve"]
+        return {**{f"test_{k}": x for k, x in t.items()}, **{f"val_{k}": x for k, x in v.items()},
+                "logit_scale": float(model.scale.detach()), "val_curve_step": [c[0] for c in curve],
+                "val_curve_zs": [c[1] for c in curve], "val_curve_r1": [c[2] for c in curve]}
+
+    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+
+
+def model_name(tower: str) -> str:
+    """The registry model of an image tower: ``ch7_<tower>_clip``."""
+    check_choice(tower, TOWERS, "tower", "model_name")
+    return f"ch7_{tower}_clip"
+
+
+def entry_name(tower: str, seed: int, long: bool = False) -> str:
+    """The zoo entry ``ch7_<tower>_clip_s<seed>`` (``STEPS``), or with ``long=True`` ``ch7_<tower>_clip_long_s0``
+    (``LONG_STEPS``, seed 0 only: the plateau check by a longer run)."""
+    model_name(tower)
+    if isinstance(seed, bool) or seed not in (SEEDS[:1] if long else SEEDS):
+        raise ValueError(f"entry_name: seed must be one of {SEEDS[:1] if long else SEEDS}, got {seed!r}")
+    return f"ch7_{tower}_clip_long_s{seed}" if long else f"ch7_{tower}_clip_s{seed}"
+
+
+def _register() -> None:
+    from vitlab import zoo
+    from vitlab.models.registry import MODELS, register_model
+
+    if model_name("vitamin") in MODELS:  # re-imported
+        return
+    zoo.register_objective("clip", clip_objective)
+    for tower in TOWERS:
+        register_model(model_name(tower), clip_model, tower=tower, img_size=32, in_chans=3, num_classes=0)
+        for seed in SEEDS:
+            zoo.register(entry_name(tower, seed), zoo.Recipe(
+                model=model_name(tower), data="vlm_caption_scenes", data_kwargs=dict(img_size=32), fit=dict(FIT),
+                seed=seed, data_seed=DATA_SEED,
+                per_profile={p: dict(steps=n, max_train=None) for p, n in STEPS.items()},
+                shares={"smoke": "cpu"}, objective="clip",
+                objective_kwargs=dict(data_seed=DATA_SEED, eval_every=EVAL_EVERY)))
+        zoo.register(entry_name(tower, 0, long=True), zoo.Recipe(
+            model=model_name(tower), data="vlm_caption_scenes", data_kwargs=dict(img_size=32), fit=dict(FIT),
+            seed=0, data_seed=DATA_SEED,
+            per_profile={p: dict(steps=n, max_train=None) for p, n in LONG_STEPS.items()},
+            shares={"smoke": "cpu"}, objective="clip",
+            objective_kwargs=dict(data_seed=DATA_SEED, eval_every=2 * EVAL_EVERY)))
+
+
+_register()
