@@ -355,3 +355,26 @@ def test_training_bad_input():
         train_vlm(TinyVLM(vit(), VisionProjector(16, 16), TinyLM(10, dim=16)), data, steps=1)
     with pytest.raises(ValueError, match="kinds must be a non-empty subset"):
         answer_accuracy(m, data, kinds="color")
+
+
+def test_question_sampler_draws_one_question_of_the_scene():
+    from vitlab.vlm import QuestionSampler, caption_scenes, qa_tensors
+
+    data = caption_scenes("val", n=40)
+    tok = WordTokenizer()
+    scene, text, _ = qa_tensors(data, tok, ("position",))
+    qs = QuestionSampler(data, tok, ("position",), seed=3)
+    assert torch.equal(qs.scenes, torch.unique(scene))
+    idx = qs.scenes[:6].repeat(5)
+    drawn, labels = qs(idx)
+    assert drawn.shape[0] == labels.shape[0] == len(idx)
+    for i, row in zip(idx.tolist(), drawn):  # each drawn question is one of its own scene's
+        assert any(torch.equal(row, t) for t in text[scene == i])
+    again, _ = QuestionSampler(data, tok, ("position",), seed=3)(idx)
+    assert torch.equal(drawn, again)  # seeded: the same draws for the same batches
+    missing = [i for i in range(len(data)) if i not in set(qs.scenes.tolist())]
+    if missing:
+        with pytest.raises(ValueError, match="no question"):
+            qs(torch.tensor(missing[:1]))
+    with pytest.raises(TypeError, match="CaptionScenes"):
+        QuestionSampler(data.images)

@@ -23,7 +23,7 @@ from .lm import CausalSelfAttention, DecoderBlock, KVCache, TinyLM, init_fan_in_
 from .model import IGNORE, TinyVLM, answer_loss, pack_answers
 from .projector import VisionProjector
 from .tokenizer import SPECIAL_TOKENS, WordTokenizer
-from .train import answer_accuracy, predict_answers, qa_tensors, train_clip, train_vlm
+from .train import QuestionSampler, answer_accuracy, predict_answers, qa_tensors, train_clip, train_vlm
 
 __all__ = [
     "WordTokenizer", "SPECIAL_TOKENS", "VOCAB",
@@ -33,5 +33,5 @@ __all__ = [
     "TinyCLIP", "TextEncoder", "clip_loss", "zero_shot_classify", "recall_at_k", "LOGIT_SCALE_MAX",
     "caption_scenes", "moving_shapes_videos", "CaptionScenes", "MovingShapes", "SceneObject", "MovingObject", "QA",
     "COLOURS", "SHAPES", "SIZES", "POSITIONS", "MOTIONS", "QUESTION_KINDS", "PROBE_KINDS",
-    "train_vlm", "train_clip", "predict_answers", "answer_accuracy", "qa_tensors",
+    "train_vlm", "train_clip", "predict_answers", "answer_accuracy", "qa_tensors", "QuestionSampler",
 ]

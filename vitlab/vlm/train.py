@@ -66,6 +66,33 @@ def qa_tensors(data: CaptionScenes, tokenizer: WordTokenizer, kinds=None):
     return torch.tensor([i for i, _ in items]), text, labels
 
 
+class QuestionSampler:
+    """One random question of ``kinds`` for each scene of a batch: the step every chapter-7 VLM trains with.
+
+    ``sampler(idx)`` -> (text [B, L], labels [B, L]) for scene indices ``idx`` into ``data``. The draws come from the
+    sampler's own generator (seeded with ``seed``), so they follow the batches and nothing else. ``scenes``: the
+    scenes that have a question of ``kinds``; asking for any other raises."""
+
+    def __init__(self, data: CaptionScenes, tokenizer: WordTokenizer | None = None, kinds=None, *, seed: int = 0):
+        if not isinstance(data, CaptionScenes):
+            raise TypeError(f"QuestionSampler: data must be CaptionScenes, got {type(data).__name__}")
+        seed = check_int(seed, "seed", "QuestionSampler", low=0)
+        scene, self.text, self.labels = qa_tensors(data, tokenizer or WordTokenizer(), kinds)
+        self.kinds = kinds
+        self.scenes = torch.unique(scene)
+        self.start = torch.searchsorted(scene, torch.arange(len(data)))  # items are grouped by scene, in order
+        self.count = torch.bincount(scene, minlength=len(data))
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i = idx.cpu()
+        if (self.count[i] == 0).any():
+            raise ValueError(f"QuestionSampler: scenes {i[self.count[i] == 0][:5].tolist()} have no question of kinds "
+                             f"{self.kinds!r}")
+        j = self.start[i] + (torch.rand(len(i), generator=self.gen) * self.count[i]).long()
+        return self.text[j], self.labels[j]
+
+
 def train_vlm(model: TinyVLM, data: CaptionScenes, *, steps: int | None = None, lr: float = 1e-3,
               batch_size: int = 64, seed: int = 0, kinds=None, tokenizer: WordTokenizer | None = None,
               **fit_kwargs) -> dict:
@@ -77,16 +104,13 @@ def train_vlm(model: TinyVLM, data: CaptionScenes, *, steps: int | None = None, 
     if not isinstance(data, CaptionScenes):
         raise TypeError(f"train_vlm: data must be CaptionScenes (vitlab.vlm.caption_scenes), got {type(data).__name__}")
     tok = _tokenizer(tokenizer, model.lm.vocab_size, "train_vlm")
-    scene, text, labels = qa_tensors(data, tok, kinds)
-    keep = torch.unique(scene)  # scenes with at least one question of these kinds
-    start = torch.searchsorted(scene, keep)  # items are grouped by scene, in order
-    count = torch.bincount(scene, minlength=len(data))[keep]
-    gen = torch.Generator().manual_seed(check_int(seed, "seed", "train_vlm", low=0) + 1)
+    questions = QuestionSampler(data, tok, kinds, seed=check_int(seed, "seed", "train_vlm", low=0) + 1)
+    keep = questions.scenes  # scenes with at least one question of these kinds
 
     def step(net: nn.Module, images: torch.Tensor, idx: torch.Tensor):
-        j = start[idx.cpu()] + (torch.rand(len(idx), generator=gen) * count[idx.cpu()]).long()
-        logits = net(images, text[j].to(images.device))
-        loss, correct = answer_loss(logits, labels[j].to(images.device), return_correct=True)
+        text, labels = questions(keep[idx.cpu()])
+        logits = net(images, text.to(images.device))
+        loss, correct = answer_loss(logits, labels.to(images.device), return_correct=True)
         return loss, _fit_logits(correct, idx, len(keep))
 
     return fit(model, (data.images[keep], torch.arange(len(keep))), steps=steps, lr=lr, batch_size=batch_size,

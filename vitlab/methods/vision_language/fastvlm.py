@@ -408,7 +408,7 @@ def vqa_objective(data_seed: int = DATA_SEED, seed: int = 0, kinds=KINDS, eval_e
     (``test_<kind>``, ``test_all``), the curve's last point (``val_all``), the first ``val_n`` train scenes
     (``train_all``: underfit or overfit?) and the curve."""
     from vitlab import zoo
-    from vitlab.vlm import WordTokenizer, answer_accuracy, answer_loss, caption_scenes, qa_tensors
+    from vitlab.vlm import QuestionSampler, WordTokenizer, answer_accuracy, answer_loss, caption_scenes
 
     fn = "vqa_objective"
     data_seed = check_int(data_seed, "data_seed", fn, low=0)
@@ -424,25 +424,20 @@ def vqa_objective(data_seed: int = DATA_SEED, seed: int = 0, kinds=KINDS, eval_e
         state["curve"].append((state["step"], answer_accuracy(net, state["val"], kinds=kinds)))
 
     def step_fn(net, images, idx):
-        if "text" not in state:
+        if "questions" not in state:
             state["img_size"] = images.shape[-1]
             cs = caption_scenes("train", seed=data_seed, img_size=images.shape[-1])
-            scene, state["text"], state["labels"] = qa_tensors(cs, WordTokenizer(), kinds)
-            count = torch.bincount(scene, minlength=len(cs))
-            if (count == 0).any():
-                raise ValueError(f"{fn}: {int((count == 0).sum())} training scenes have no question of kinds {kinds}; "
-                                 f"include 'colour' or 'count' (every scene has those)")
-            state["start"], state["count"] = torch.searchsorted(scene, torch.arange(len(cs))), count
-            state["gen"] = torch.Generator().manual_seed(seed + 1)
+            state["questions"] = QuestionSampler(cs, WordTokenizer(), kinds, seed=seed + 1)
+            if len(state["questions"].scenes) < len(cs):
+                raise ValueError(f"{fn}: {len(cs) - len(state['questions'].scenes)} training scenes have no question "
+                                 f"of kinds {kinds}; include 'colour' or 'count' (every scene has those)")
         if state["step"] % eval_every == 0:
             was = net.training
             val_point(net)
             net.train(was)
         state["step"] += 1
-        i = idx.cpu()
-        j = state["start"][i] + (torch.rand(len(i), generator=state["gen"]) * state["count"][i]).long()
-        logits = net(images, state["text"][j].to(images.device))
-        return answer_loss(logits, state["labels"][j].to(images.device)), None
+        text, labels = state["questions"](idx)
+        return answer_loss(net(images, text.to(images.device)), labels.to(images.device)), None
 
     def metrics(model, train, val, test):
         img_size = train.images.shape[-1]

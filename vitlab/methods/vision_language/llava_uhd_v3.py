@@ -463,7 +463,7 @@ def qa_objective(data_seed: int = DATA_SEED, kinds=KINDS, seed: int = 0, eval_ev
     accuracy on the first ``VAL_CURVE_SCENES`` val scenes (the plateau curve); the checkpoint stores test and val
     accuracy (per kind), the curve, ``plateau_gain`` of the curve and the visual token count."""
     from vitlab import zoo
-    from vitlab.vlm import WordTokenizer, answer_accuracy, answer_loss, caption_scenes, qa_tensors
+    from vitlab.vlm import QuestionSampler, WordTokenizer, answer_accuracy, answer_loss, caption_scenes
 
     fn = "qa_objective"
     data_seed = check_int(data_seed, "data_seed", fn, low=0)
@@ -480,23 +480,18 @@ def qa_objective(data_seed: int = DATA_SEED, kinds=KINDS, seed: int = 0, eval_ev
     def step_fn(net, images, idx):
         from vitlab.train import unwrap
 
-        if "text" not in state:
+        if "questions" not in state:
             cs = caption_scenes("train", seed=data_seed, img_size=images.shape[-1])
-            scene, state["text"], state["labels"] = qa_tensors(cs, WordTokenizer(), kinds)
-            if len(torch.unique(scene)) != len(cs):
+            state["questions"] = QuestionSampler(cs, WordTokenizer(), kinds, seed=seed + 1)
+            if len(state["questions"].scenes) != len(cs):
                 raise ValueError(f"{fn}: every scene needs a question of kinds {kinds}")
-            state["start"] = torch.searchsorted(scene, torch.arange(len(cs)))
-            state["count"] = torch.bincount(scene, minlength=len(cs))
-            state["gen"] = torch.Generator().manual_seed(seed + 1)
         if state["step"] % eval_every == 0:
             was = net.training
             val_point(unwrap(net))
             net.train(was)
         state["step"] += 1
-        i = idx.cpu()
-        j = state["start"][i] + (torch.rand(len(i), generator=state["gen"]) * state["count"][i]).long()
-        logits = net(images, state["text"][j].to(images.device))
-        return answer_loss(logits, state["labels"][j].to(images.device)), None
+        text, labels = state["questions"](idx)
+        return answer_loss(net(images, text.to(images.device)), labels.to(images.device)), None
 
     def metrics(model, train, val, test):
         from vitlab.zoo import plateau_gain
