@@ -33,3 +33,18 @@ def assert_rejects_bad_images(model, in_chans: int, img_size: int) -> None:
         model(torch.randn(1, in_chans, img_size + 4, img_size + 4))
     with pytest.raises(ValueError, match="image batch"):
         model(torch.randn(1, img_size, img_size))
+
+
+def objective_losses(objective, model, images, idx, *, steps: int = 3, lr: float = 1e-3) -> list[float]:
+    """Train ``model`` for ``steps`` AdamW steps with a zoo objective's ``step_fn`` on one fixed batch; the losses.
+    Each step must return a finite loss and no logits (the objectives of chapter 7 report their own metrics)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, logits = objective.step_fn(model, images, idx)
+        assert logits is None and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -11,7 +11,7 @@ from timm.layers import HybridEmbed
 from timm.models import vitamin as TV
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from tests.model_helpers import assert_rejects_bad_images
+from tests.model_helpers import assert_rejects_bad_images, objective_losses
 from vitlab.methods.vision_language import vitamin as V
 from vitlab.models import VisionTransformer
 from vitlab.vlm import TextEncoder, TinyCLIP
@@ -287,16 +287,8 @@ def test_clip_objective_steps_and_curve():
     train = data.load("vlm_caption_scenes", "train", "cpu", img_size=32)
     torch.manual_seed(0)
     clip = V.clip_model("vit")
-    opt = torch.optim.AdamW(clip.parameters(), lr=1e-3)
     idx = torch.arange(16)
-    losses = []
-    for _ in range(3):
-        loss, logits = obj.step_fn(clip, train.images[idx], idx)
-        assert logits is None and torch.isfinite(loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = objective_losses(obj, clip, train.images[idx], idx, lr=1e-3)
     assert losses[-1] < losses[0]
     m = obj.metrics(clip.eval(), train, None, None)
     assert m["val_curve_step"] == [0, 2, 3] and len(m["val_curve_zs"]) == 3
