@@ -250,6 +250,13 @@ def test_qa_accuracy_equals_greedy_answers():
     assert where["all"] == pytest.approx(sum(where[p] * n for p, n in places.items()) / sum(places.values()))
     with pytest.raises(ValueError, match="by"):
         sp.qa_accuracy(model, data, by="colour")
+    hits = sp.answer_hits(model, data, kinds=("position",))  # one bool per question, in data.items order
+    assert hits.dtype == torch.bool and len(hits) == sum(places.values())
+    assert hits.float().mean().item() == pytest.approx(where["all"])
+    shapes = sp.qa_accuracy(model, data, kinds=("position",), by="objects")  # by the scene's number of shapes
+    n = [len(data.objects[i]) for i, _ in data.items(("position",))]
+    for k in (1, 2, 3):
+        assert shapes[k] == pytest.approx(hits[[m == k for m in n]].float().mean().item())
 
 
 def test_prior_accuracy_by_hand():

@@ -94,7 +94,7 @@ __all__ = ["NUM_SP_TOKENS", "pool_sides", "crop_sides", "nested_crops", "cross_a
            "DFI", "SpatialProjector", "ARMS", "SEEDS", "DATA_SEED", "IMG_SIZE", "VIT", "LM", "STEPS", "LONG_STEPS",
            "FIT", "EVAL_EVERY", "VAL_N", "KINDS", "ENCODER_ENTRY", "ENCODER_STEPS", "ENCODER_FIT",
            "NUM_PATCH_CLASSES", "patch_labels", "PatchAttributeEncoder", "encoder_model", "patch_accuracy",
-           "patch_objective", "first_token_macs", "vlm_model", "qa_accuracy",
+           "patch_objective", "first_token_macs", "vlm_model", "answer_hits", "qa_accuracy",
            "prior_accuracy", "measure", "qa_objective", "model_name", "entry_name"]
 
 NUM_SP_TOKENS = 6  # the paper's six spatial tokens
@@ -507,22 +507,26 @@ def vlm_model(projector: str = "pooling", img_size: int = IMG_SIZE, in_chans: in
     return TinyVLM(encoder, proj, lm_)
 
 
-def qa_accuracy(model, data, *, kinds=None, by: str = "kind", batch_size: int = 256) -> dict:
-    """Exact-match answer accuracy of a TinyVLM on the questions of ``data`` (``CaptionScenes``), only ``kinds`` if
-    given, grouped ``by`` question kind or by the true answer: {kind or answer: acc, ..., "all": every question asked}. Teacher-forced: a question counts as right
-    when the answer word and then <eos> are each the argmax, which is exactly when greedy decoding
-    (``vlm.answer_accuracy``) returns the answer; each scene is encoded once for all its questions."""
-    from vitlab.vlm import CaptionScenes, TinyVLM, WordTokenizer, answer_loss, qa_tensors
+def _check_qa_args(model, data, batch_size, fn: str) -> int:
+    from vitlab.vlm import CaptionScenes, TinyVLM
 
-    fn = "qa_accuracy"
     if not isinstance(model, TinyVLM):
         raise TypeError(f"{fn}: model must be a TinyVLM, got {type(model).__name__}")
     if not isinstance(data, CaptionScenes):
         raise TypeError(f"{fn}: data must be CaptionScenes (vitlab.vlm.caption_scenes), got {type(data).__name__}")
-    check_choice(by, ("kind", "answer"), "by", fn)
-    batch_size = check_int(batch_size, "batch_size", fn)
+    return check_int(batch_size, "batch_size", fn)
+
+
+@torch.no_grad()
+def answer_hits(model, data, *, kinds=None, batch_size: int = 256) -> torch.Tensor:
+    """Whether a TinyVLM answers each question of ``data.items(kinds)`` (``CaptionScenes``) right: a bool tensor [Q]
+    in that order. Teacher-forced: a question counts as right when the answer word and then <eos> are each the
+    argmax, which is exactly when greedy decoding (``vlm.answer_accuracy``) returns the answer; each scene is encoded
+    once for all its questions."""
+    from vitlab.vlm import WordTokenizer, answer_loss, qa_tensors
+
+    batch_size = _check_qa_args(model, data, batch_size, "answer_hits")
     scene, text, labels = qa_tensors(data, WordTokenizer(), kinds)
-    groups = [getattr(q, by) for _, q in data.items(kinds)]
     device = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -534,7 +538,18 @@ def qa_accuracy(model, data, *, kinds=None, by: str = "kind", batch_size: int = 
         logits = model.lm(text[sl].to(device), prefix_embeds=prefix[scene[sl].to(device)])
         hits.append(answer_loss(logits, labels[sl].to(device), return_correct=True)[1].cpu())
     model.train(was)
-    hits = torch.cat(hits).float()
+    return torch.cat(hits)
+
+
+def qa_accuracy(model, data, *, kinds=None, by: str = "kind", batch_size: int = 256) -> dict:
+    """Exact-match answer accuracy (``answer_hits``) of a TinyVLM on the questions of ``data`` (``CaptionScenes``),
+    only ``kinds`` if given, grouped ``by`` question "kind", by the true "answer" or by the number of "objects" in
+    the scene: {group: acc, ..., "all": every question asked}."""
+    _check_qa_args(model, data, batch_size, "qa_accuracy")
+    check_choice(by, ("kind", "answer", "objects"), "by", "qa_accuracy")
+    hits = answer_hits(model, data, kinds=kinds, batch_size=batch_size).float()
+    items = data.items(kinds)
+    groups = [len(data.objects[i]) if by == "objects" else getattr(q, by) for i, q in items]
     out = {}
     for group in dict.fromkeys(groups):
         out[group] = float(hits[[g == group for g in groups]].mean())
