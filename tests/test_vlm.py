@@ -10,7 +10,7 @@ from vitlab.models import VisionTransformer
 from vitlab.seed import seed_everything
 from vitlab.vlm import (IGNORE, LOGIT_SCALE_MAX, SPECIAL_TOKENS, VOCAB, KVCache, TextEncoder, TinyCLIP, TinyLM,
                         TinyVLM, VisionProjector, WordTokenizer, answer_accuracy, answer_loss, caption_scenes,
-                        clip_loss, moving_shapes_videos, pack_answers, recall_at_k, train_clip, train_vlm,
+                        clip_loss, contrastive_objective, moving_shapes_videos, pack_answers, recall_at_k, train_clip, train_vlm,
                         zero_shot_classify)
 
 TOK = WordTokenizer()
@@ -284,6 +284,36 @@ def test_clip_forward_and_text_encoder():
         TextEncoder(len(TOK), pool="cls")
     with pytest.raises(ValueError, match="every text needs at least one token"):
         TextEncoder(len(TOK), dim=16)(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_contrastive_objective_steps_curve_and_metrics():
+    m = tiny_clip()
+    text, _ = TOK.batch_encode(["a red circle", "a blue square", "a small green triangle", "a large circle"], eos=True)
+    images = torch.rand(4, 3, 32, 32)
+    calls = []
+
+    def validate(net):
+        calls.append(net.training)
+        return 0.5, 0.25
+
+    obj = contrastive_objective(lambda x: text, validate, lambda model, split: {"r1": 1.0 if split == "test" else 0.0},
+                                eval_every=2, curve=("a", "b"))
+    idx = torch.tensor([2, 0, 3, 1])
+    for _ in range(3):
+        loss, logits = obj.step_fn(m, images, idx)
+        # the batch's own captions, in the batch's order: CLIP's loss of the model's logits on them
+        torch.testing.assert_close(loss, clip_loss(m(images, text[idx])))
+        assert logits is None
+    out = obj.metrics(m, None, None, None)
+    assert out["val_curve_step"] == [0, 2, 3] and out["val_curve_a"] == [0.5] * 3 and out["val_curve_b"] == [0.25] * 3
+    assert out["test_r1"] == 1.0 and out["val_r1"] == 0.0 and out["logit_scale"] == pytest.approx(float(m.scale.detach()))
+    with pytest.raises(TypeError, match="validate must be callable"):
+        contrastive_objective(lambda x: text, 3, lambda m, s: {}, eval_every=1, curve=("a",))
+    with pytest.raises(ValueError, match="eval_every"):
+        contrastive_objective(lambda x: text, validate, lambda m, s: {}, eval_every=0, curve=("a",))
+    bad = contrastive_objective(lambda x: text, validate, lambda m, s: {}, eval_every=1, curve=("a",))
+    with pytest.raises(ValueError, match="2 values for the curve"):
+        bad.step_fn(m, images, idx)
 
 
 def test_zero_shot_and_recall_by_hand():

@@ -30,7 +30,7 @@ from .data import CaptionScenes, MovingShapes
 from .model import TinyVLM, answer_loss, pack_answers
 from .tokenizer import WordTokenizer
 
-__all__ = ["train_vlm", "train_clip", "predict_answers", "answer_accuracy", "qa_tensors"]
+__all__ = ["train_vlm", "train_clip", "predict_answers", "answer_accuracy", "qa_tensors", "contrastive_objective"]
 
 
 def _fit_logits(correct: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -190,3 +190,45 @@ def answer_accuracy(model: TinyVLM, data: CaptionScenes, *, kinds=None, source: 
         out[kind] = sum(h) / len(h)
     return {**out, "all": overall}
 
+
+
+def contrastive_objective(train_text, validate, measure, *, eval_every: int, curve: tuple[str, ...]):
+    """A zoo objective for a ``TinyCLIP``-like model: each step CLIP's symmetric InfoNCE (``clip_loss``) of every
+    item of the batch with its caption, the dataset's labels being item indices into ``train_text(images)`` (token
+    ids [N_train, L], built once, on the first step). Every ``eval_every`` steps ``validate(model)`` gives one float
+    per name of ``curve`` (the plateau curve). The checkpoint stores ``measure(model, split)`` for "test" and "val"
+    (``test_*``, ``val_*``), the learned temperature ``logit_scale`` and the curve (``val_curve_step``,
+    ``val_curve_<name>``)."""
+    from vitlab import zoo
+
+    eval_every = check_int(eval_every, "eval_every", "contrastive_objective")
+    for name, f in (("train_text", train_text), ("validate", validate), ("measure", measure)):
+        if not callable(f):
+            raise TypeError(f"contrastive_objective: {name} must be callable, got {type(f).__name__}")
+    state = {"step": 0, "curve": []}
+
+    def val_point(net):
+        values = tuple(validate(net))
+        if len(values) != len(curve):
+            raise ValueError(f"contrastive_objective: validate gave {len(values)} values for the curve {curve}")
+        state["curve"].append((state["step"], *values))
+
+    def step_fn(net, images, idx):
+        if "text" not in state:
+            state["text"] = train_text(images)
+        if state["step"] % eval_every == 0:
+            was = net.training
+            val_point(net)
+            net.train(was)
+        state["step"] += 1
+        return clip_loss(net(images, state["text"][idx.cpu()].to(images.device))), None
+
+    def metrics(model, train, val, test):
+        val_point(model)
+        v, t = measure(model, "val"), measure(model, "test")
+        points = state["curve"]
+        return {**{f"test_{k}": x for k, x in t.items()}, **{f"val_{k}": x for k, x in v.items()},
+                "logit_scale": float(model.scale.detach()), "val_curve_step": [c[0] for c in points],
+                **{f"val_curve_{name}": [c[j + 1] for c in points] for j, name in enumerate(curve)}}
+
+    return zoo.Objective(step_fn=step_fn, metrics=metrics)

@@ -473,47 +473,28 @@ def measure(model, split: str = "test", *, n: int | None = None) -> dict:
 
 
 def clip_objective(data_seed: int = DATA_SEED, eval_every: int = EVAL_EVERY):
-    """The zoo objective ``"clip"``: symmetric InfoNCE (``vitlab.vlm.clip_loss``) of each image of the batch with its
-    caption (the dataset's labels are scene indices into ``caption_scenes("train", seed=data_seed)``). Every
-    ``eval_every`` steps it logs val zero-shot (16-way object) accuracy and mean R@1 (the plateau curve); the
+    """The zoo objective ``"clip"`` (``vitlab.vlm.contrastive_objective``): symmetric InfoNCE of each image of the
+    batch with its caption (the dataset's labels are scene indices into ``caption_scenes("train", seed=data_seed)``).
+    Every ``eval_every`` steps it logs val zero-shot (16-way object) accuracy and mean R@1 (the plateau curve); the
     checkpoint stores ``measure`` on test (``test_*``), on val (``val_*``) and that curve."""
-    from vitlab import zoo
-    from vitlab.vlm import WordTokenizer, caption_scenes, clip_loss
+    from vitlab.vlm import WordTokenizer, caption_scenes, contrastive_objective, recall_at_k
 
     data_seed = check_int(data_seed, "data_seed", "clip_objective", low=0)
     eval_every = check_int(eval_every, "eval_every", "clip_objective")
-    state = {"step": 0, "curve": []}
+    val = {}
 
-    def val_point(net):
-        from vitlab.vlm import recall_at_k
+    def train_text(images):
+        cs = caption_scenes("train", seed=data_seed, img_size=images.shape[-1])
+        return WordTokenizer().batch_encode(list(cs.captions), eos=True)[0]
 
-        if "val" not in state:
-            state["val"] = caption_scenes("val", seed=data_seed)
-            state["val_text"] = WordTokenizer().batch_encode(list(state["val"].captions), eos=True)[0]
-        zs = zero_shot_accuracy(net, state["val"], "object")
-        r1 = recall_at_k(net, state["val"].images, state["val_text"], 1)
-        state["curve"].append((state["step"], zs, (r1["i2t"] + r1["t2i"]) / 2))
+    def validate(net):
+        if not val:
+            val["scenes"] = caption_scenes("val", seed=data_seed)
+            val["text"] = WordTokenizer().batch_encode(list(val["scenes"].captions), eos=True)[0]
+        r1 = recall_at_k(net, val["scenes"].images, val["text"], 1)
+        return zero_shot_accuracy(net, val["scenes"], "object"), (r1["i2t"] + r1["t2i"]) / 2
 
-    def step_fn(net, images, idx):
-        if "text" not in state:
-            cs = caption_scenes("train", seed=data_seed, img_size=images.shape[-1])
-            state["text"] = WordTokenizer().batch_encode(list(cs.captions), eos=True)[0]
-        if state["step"] % eval_every == 0:
-            was = net.training
-            val_point(net)
-            net.train(was)
-        state["step"] += 1
-        return clip_loss(net(images, state["text"][idx.cpu()].to(images.device))), None
-
-    def metrics(model, train, val, test):
-        val_point(model)
-        v, t = measure(model, "val"), measure(model, "test")
-        curve = state["curve"]
-        return {**{f"test_{k}": x for k, x in t.items()}, **{f"val_{k}": x for k, x in v.items()},
-                "logit_scale": float(model.scale.detach()), "val_curve_step": [c[0] for c in curve],
-                "val_curve_zs": [c[1] for c in curve], "val_curve_r1": [c[2] for c in curve]}
-
-    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+    return contrastive_objective(train_text, validate, measure, eval_every=eval_every, curve=("zs", "r1"))
 
 
 def model_name(tower: str) -> str:
