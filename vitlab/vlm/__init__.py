@@ -23,8 +23,8 @@ from .lm import CausalSelfAttention, DecoderBlock, KVCache, TinyLM, init_fan_in_
 from .model import IGNORE, TinyVLM, answer_loss, pack_answers
 from .projector import VisionProjector
 from .tokenizer import SPECIAL_TOKENS, WordTokenizer
-from .train import (QuestionSampler, answer_accuracy, contrastive_objective, predict_answers, qa_tensors, train_clip,
-                    train_vlm)
+from .train import (QuestionSampler, answer_accuracy, contrastive_objective, predict_answers, qa_objective, qa_tensors,
+                    train_clip, train_vlm)
 
 __all__ = [
     "WordTokenizer", "SPECIAL_TOKENS", "VOCAB",
@@ -35,5 +35,5 @@ __all__ = [
     "caption_scenes", "moving_shapes_videos", "CaptionScenes", "MovingShapes", "SceneObject", "MovingObject", "QA",
     "COLOURS", "SHAPES", "SIZES", "POSITIONS", "MOTIONS", "QUESTION_KINDS", "PROBE_KINDS",
     "train_vlm", "train_clip", "predict_answers", "answer_accuracy", "qa_tensors", "QuestionSampler",
-    "contrastive_objective",
+    "contrastive_objective", "qa_objective",
 ]

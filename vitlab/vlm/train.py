@@ -30,7 +30,8 @@ from .data import CaptionScenes, MovingShapes
 from .model import TinyVLM, answer_loss, pack_answers
 from .tokenizer import WordTokenizer
 
-__all__ = ["train_vlm", "train_clip", "predict_answers", "answer_accuracy", "qa_tensors", "contrastive_objective"]
+__all__ = ["train_vlm", "train_clip", "predict_answers", "answer_accuracy", "qa_tensors", "contrastive_objective",
+           "qa_objective"]
 
 
 def _fit_logits(correct: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -230,5 +231,52 @@ def contrastive_objective(train_text, validate, measure, *, eval_every: int, cur
         return {**{f"test_{k}": x for k, x in t.items()}, **{f"val_{k}": x for k, x in v.items()},
                 "logit_scale": float(model.scale.detach()), "val_curve_step": [c[0] for c in points],
                 **{f"val_curve_{name}": [c[j + 1] for c in points] for j, name in enumerate(curve)}}
+
+    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+
+
+def qa_objective(kinds, *, data_seed: int, seed: int, eval_every: int, validate, measure, logits=None):
+    """A zoo objective for a ``TinyVLM`` answering ``caption_scenes`` questions, as ``train_vlm`` trains one: each
+    step one random question of ``kinds`` per scene of the batch (a ``QuestionSampler`` over
+    ``caption_scenes("train", seed=data_seed)`` at the batch's image size, drawing with ``seed + 1``; the dataset's
+    labels are scene indices) and answer-only cross-entropy (``answer_loss``) of
+    ``logits(net, images, text, labels, idx)`` (default ``net(images, text)``). Every ``eval_every`` steps, and once
+    at the end, ``validate(model, img_size)`` (the model unwrapped; its training mode restored after) adds a point to
+    the curve; the checkpoint stores ``measure(model, train, curve)`` (curve: [(step, value)])."""
+    from vitlab import zoo
+    from vitlab.train import unwrap
+    from .data import caption_scenes
+
+    fn = "qa_objective"
+    data_seed, seed = check_int(data_seed, "data_seed", fn, low=0), check_int(seed, "seed", fn, low=0)
+    eval_every = check_int(eval_every, "eval_every", fn)
+    for name, f in (("validate", validate), ("measure", measure)):
+        if not callable(f):
+            raise TypeError(f"{fn}: {name} must be callable, got {type(f).__name__}")
+    if logits is not None and not callable(logits):
+        raise TypeError(f"{fn}: logits must be callable or None, got {type(logits).__name__}")
+    state = {"step": 0, "curve": []}
+
+    def step_fn(net, images, idx):
+        if "questions" not in state:
+            cs = caption_scenes("train", seed=data_seed, img_size=images.shape[-1])
+            state["questions"] = QuestionSampler(cs, WordTokenizer(), kinds, seed=seed + 1)
+            if len(state["questions"].scenes) < len(cs):
+                raise ValueError(f"{fn}: {len(cs) - len(state['questions'].scenes)} training scenes have no question "
+                                 f"of kinds {tuple(kinds)}")
+        if state["step"] % eval_every == 0:
+            model = unwrap(net)
+            was = model.training
+            state["curve"].append((state["step"], validate(model, images.shape[-1])))
+            model.train(was)
+        state["step"] += 1
+        text, labels = state["questions"](idx)
+        text, labels = text.to(images.device), labels.to(images.device)
+        out = net(images, text) if logits is None else logits(net, images, text, labels, idx)
+        return answer_loss(out, labels), None
+
+    def metrics(model, train, val, test):
+        state["curve"].append((state["step"], validate(model, train.images.shape[-1])))
+        return measure(model, train, state["curve"])
 
     return zoo.Objective(step_fn=step_fn, metrics=metrics)

@@ -818,56 +818,42 @@ BUSQA, PlainQA = _vlm_classes()
 
 def qa_objective(data_seed: int = DATA_SEED, kinds=QA_KINDS, seed: int = 0, eval_every: int = QA_EVAL_EVERY,
                  val_n: int = QA_VAL_N):
-    """The zoo objective ``"bus_qa"``: each step one random question of ``kinds`` per scene of the batch (``seed`` seeds
-    the draw), answer-only cross-entropy; the prompt goes to the model separately (``prompt_ids=``). Every
-    ``eval_every`` steps the greedy answer accuracy on the first ``val_n`` val scenes (the plateau curve); the
-    checkpoint stores test accuracy per kind (``test_<kind>``, ``test_all``), the curve and the visual tokens."""
-    from vitlab import zoo
-    from vitlab.train import unwrap
-    from vitlab.vlm import IGNORE, QUESTION_KINDS, QuestionSampler, WordTokenizer, answer_accuracy, answer_loss, \
-        caption_scenes
+    """The zoo objective ``"bus_qa"``: ``vitlab.vlm.qa_objective`` (each step one random question of ``kinds`` per scene
+    of the batch, ``seed`` seeding the draw; answer-only cross-entropy) with the prompt also given to the model
+    separately (``prompt_ids=``: TSPS reads the image under it). Every ``eval_every`` steps the greedy answer accuracy
+    on the first ``val_n`` val scenes (the plateau curve); the checkpoint stores test accuracy per kind
+    (``test_<kind>``, ``test_all``), the curve and the visual tokens."""
+    from vitlab.vlm import IGNORE, QUESTION_KINDS, answer_accuracy, caption_scenes, qa_objective as vlm_qa_objective
+    from vitlab.zoo import plateau_gain
 
     fn = "qa_objective"
-    data_seed, seed = check_int(data_seed, "data_seed", fn, low=0), check_int(seed, "seed", fn, low=0)
-    eval_every, val_n = check_int(eval_every, "eval_every", fn), check_int(val_n, "val_n", fn)
+    data_seed = check_int(data_seed, "data_seed", fn, low=0)
+    val_n = check_int(val_n, "val_n", fn)
     kinds = tuple(kinds) if not isinstance(kinds, str) else (kinds,)
     for k in kinds:
         check_choice(k, QUESTION_KINDS, "kinds[i]", fn)
-    state = {"step": 0, "curve": []}
+    val = {}
 
-    def val_point(net):
-        if "val" not in state:
-            state["val"] = caption_scenes("val", seed=data_seed, n=val_n)
-        state["curve"].append((state["step"], answer_accuracy(net, state["val"], kinds=kinds)))
+    def validate(model, img_size):
+        if not val:
+            val["scenes"] = caption_scenes("val", seed=data_seed, n=val_n)
+        return answer_accuracy(model, val["scenes"], kinds=kinds)
 
-    def step_fn(net, images, idx):
-        if "questions" not in state:
-            cs = caption_scenes("train", seed=data_seed, img_size=images.shape[-1])
-            state["questions"] = QuestionSampler(cs, WordTokenizer(), kinds, seed=seed + 1)
-        model = unwrap(net)
-        if state["step"] % eval_every == 0:
-            was = model.training
-            val_point(model)
-            model.train(was)
-        state["step"] += 1
-        text, labels = state["questions"](idx)
-        text, labels = text.to(images.device), labels.to(images.device)
+    def logits(net, images, text, labels, idx):
         prompt = torch.where(labels == IGNORE, text, torch.zeros_like(text))  # the answer and <eos> blanked to <pad>
-        return answer_loss(net(images, text, prompt_ids=prompt), labels), None
+        return net(images, text, prompt_ids=prompt)
 
-    def metrics(model, train, val, test):
-        from vitlab.zoo import plateau_gain
-
-        val_point(model)
+    def measure(model, train, curve):
         acc = answer_accuracy(model, caption_scenes("test", seed=data_seed), kinds=kinds, per_kind=True)
-        curve = state["curve"]
         tokens = model.vision_encoder.pad.num_queries if isinstance(model, BUSQA) else \
             model.vision_encoder.patch_embed.num_patches
         return {**{f"test_{k}": v for k, v in acc.items()}, "visual_tokens": tokens,
                 "val_curve_step": [c[0] for c in curve], "val_curve_acc": [c[1] for c in curve],
                 "plateau_gain": plateau_gain([c[1] for c in curve])}
 
-    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+    return vlm_qa_objective(kinds, data_seed=data_seed, seed=check_int(seed, "seed", fn, low=0),
+                            eval_every=check_int(eval_every, "eval_every", fn), validate=validate, measure=measure,
+                            logits=logits)
 
 
 def qa_entry_name(arm: str, seed: int, long: bool = False) -> str:

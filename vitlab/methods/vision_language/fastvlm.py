@@ -401,55 +401,33 @@ def measure(model, split: str = "test", *, kinds=KINDS, n: int | None = None, im
 
 def vqa_objective(data_seed: int = DATA_SEED, seed: int = 0, kinds=KINDS, eval_every: int = EVAL_EVERY,
                   val_n: int = VAL_N):
-    """The zoo objective ``"fastvlm_vqa"``: each step, one random question of ``kinds`` per scene of the batch
-    (a generator seeded by ``seed``), answer-only cross-entropy (``vitlab.vlm.answer_loss``; the dataset's labels are
-    scene indices into ``caption_scenes("train", seed=data_seed)``). Every ``eval_every`` steps it logs val answer
-    accuracy over the first ``val_n`` val scenes (the plateau curve); the checkpoint stores ``measure`` on test
-    (``test_<kind>``, ``test_all``), the curve's last point (``val_all``), the first ``val_n`` train scenes
-    (``train_all``: underfit or overfit?) and the curve."""
-    from vitlab import zoo
-    from vitlab.vlm import QuestionSampler, WordTokenizer, answer_accuracy, answer_loss, caption_scenes
+    """The zoo objective ``"fastvlm_vqa"``: ``vitlab.vlm.qa_objective`` (each step one random question of ``kinds`` per
+    scene of the batch, drawn by a generator seeded by ``seed``; answer-only cross-entropy). Every ``eval_every``
+    steps it logs val answer accuracy over the first ``val_n`` val scenes (the plateau curve); the checkpoint stores
+    ``measure`` on test (``test_<kind>``, ``test_all``), the curve's last point (``val_all``), the first ``val_n``
+    train scenes (``train_all``: underfit or overfit?) and the curve."""
+    from vitlab.vlm import answer_accuracy, caption_scenes, qa_objective
 
     fn = "vqa_objective"
     data_seed = check_int(data_seed, "data_seed", fn, low=0)
-    seed = check_int(seed, "seed", fn, low=0)
     kinds = _check_kinds(kinds, fn)
-    eval_every = check_int(eval_every, "eval_every", fn)
     val_n = check_int(val_n, "val_n", fn)
-    state = {"step": 0, "curve": []}
+    val = {}
 
-    def val_point(net):
-        if "val" not in state:
-            state["val"] = caption_scenes("val", seed=data_seed, img_size=state["img_size"], n=val_n)
-        state["curve"].append((state["step"], answer_accuracy(net, state["val"], kinds=kinds)))
+    def validate(model, img_size):
+        if not val:
+            val["scenes"] = caption_scenes("val", seed=data_seed, img_size=img_size, n=val_n)
+        return answer_accuracy(model, val["scenes"], kinds=kinds)
 
-    def step_fn(net, images, idx):
-        if "questions" not in state:
-            state["img_size"] = images.shape[-1]
-            cs = caption_scenes("train", seed=data_seed, img_size=images.shape[-1])
-            state["questions"] = QuestionSampler(cs, WordTokenizer(), kinds, seed=seed + 1)
-            if len(state["questions"].scenes) < len(cs):
-                raise ValueError(f"{fn}: {len(cs) - len(state['questions'].scenes)} training scenes have no question "
-                                 f"of kinds {kinds}; include 'colour' or 'count' (every scene has those)")
-        if state["step"] % eval_every == 0:
-            was = net.training
-            val_point(net)
-            net.train(was)
-        state["step"] += 1
-        text, labels = state["questions"](idx)
-        return answer_loss(net(images, text.to(images.device)), labels.to(images.device)), None
-
-    def metrics(model, train, val, test):
+    def measure_all(model, train, curve):
         img_size = train.images.shape[-1]
-        state.setdefault("img_size", img_size)
-        val_point(model)
         t = measure(model, "test", kinds=kinds, img_size=img_size)
         tr = measure(model, "train", kinds=kinds, n=val_n, img_size=img_size)
-        curve = state["curve"]
         return {**{f"test_{k}": x for k, x in t.items()}, "val_all": curve[-1][1], "train_all": tr["all"],
                 "val_curve_step": [c[0] for c in curve], "val_curve_acc": [c[1] for c in curve]}
 
-    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+    return qa_objective(kinds, data_seed=data_seed, seed=check_int(seed, "seed", fn, low=0),
+                        eval_every=check_int(eval_every, "eval_every", fn), validate=validate, measure=measure_all)
 
 
 def model_name(encoder: str) -> str:

@@ -592,65 +592,51 @@ def measure(model, split: str = "test", *, kinds=KINDS, n: int | None = None, im
 
 def qa_objective(data_seed: int = DATA_SEED, seed: int = 0, eval_every: int = EVAL_EVERY, val_n: int = VAL_N,
                  eval_n: int | None = None, kinds=KINDS):
-    """Objective ``"llava_sp_qa"``: LLaVA's answer-only cross-entropy (``vlm.answer_loss``) on one random question
-    of ``kinds`` per scene of the batch (the dataset's labels are scene indices into ``caption_scenes("train", seed=data_seed)``;
-    the questions are drawn by a generator seeded from ``seed``, as ``vlm.train_vlm`` does). When the vision tower is
-    frozen (``FIT["trainable"]``), its features of the training scenes are computed once and the step runs the
-    projector and the LM on them: the same logits as ``TinyVLM.forward``, without encoding each image again at every
-    step (the tower has no dropout, so train and eval mode agree). Every ``eval_every``
+    """Objective ``"llava_sp_qa"``: ``vitlab.vlm.qa_objective`` (LLaVA's answer-only cross-entropy on one random
+    question of ``kinds`` per scene of the batch, drawn by a generator seeded from ``seed``, as ``vlm.train_vlm``
+    does). When the vision tower is frozen (``FIT["trainable"]``), its features of the training scenes are computed
+    once and the step runs the projector and the LM on them: the same logits as ``TinyVLM.forward``, without encoding
+    each image again at every step (the tower has no dropout, so train and eval mode agree). Every ``eval_every``
     steps it logs ``qa_accuracy`` on the first ``val_n`` val scenes (the plateau curve); the checkpoint stores
     ``measure`` on test (``test_*``) and on val (``val_*``, the first ``eval_n`` scenes of each if given, else all)
     and that curve (``val_curve_*``), all on the ``kinds`` questions."""
-    from vitlab import zoo
-    from vitlab.vlm import QUESTION_KINDS, QuestionSampler, WordTokenizer, answer_loss, caption_scenes
+    from vitlab.vlm import QUESTION_KINDS, caption_scenes, qa_objective as vlm_qa_objective
     from vitlab.vlm.data import _check_kinds
 
     fn = "qa_objective"
     data_seed = check_int(data_seed, "data_seed", fn, low=0)
-    seed = check_int(seed, "seed", fn, low=0)
-    eval_every = check_int(eval_every, "eval_every", fn)
     val_n = check_int(val_n, "val_n", fn)
     eval_n = None if eval_n is None else check_int(eval_n, "eval_n", fn)
     kinds = _check_kinds(kinds, QUESTION_KINDS, fn)
-    state = {"step": 0, "curve": []}
+    state = {}
 
-    def val_point(net, size):
+    def validate(model, size):
         if "val" not in state:
             state["val"] = caption_scenes("val", seed=data_seed, img_size=size, n=val_n)
-        state["curve"].append((state["step"], qa_accuracy(net, state["val"], kinds=kinds)))
+        return qa_accuracy(model, state["val"], kinds=kinds)
 
-    def step_fn(net, images, idx):
-        if "questions" not in state:  # every train scene has a position question (one per object)
-            cs = caption_scenes("train", seed=data_seed, img_size=images.shape[-1])
-            state["questions"] = QuestionSampler(cs, WordTokenizer(), kinds, seed=seed + 1)
-        if state["step"] % eval_every == 0:
-            val_point(_unwrap(net), images.shape[-1])
-        state["step"] += 1
-        i = idx.cpu()
-        text, labels = state["questions"](i)
-        text = text.to(images.device)
+    def logits(net, images, text, labels, idx):
         m = _unwrap(net)
         if "feats" not in state and not any(p.requires_grad for p in m.vision_encoder.parameters()):
             state["feats"] = _encode_all(m, caption_scenes("train", seed=data_seed, img_size=images.shape[-1]).images,
                                          images.device)  # a frozen tower: encode each training scene once
         if "feats" in state:  # the same logits as net(images, text), the tower's part computed once per scene
-            logits = m.lm(text, prefix_embeds=m.projector(state["feats"][i.to(images.device)].to(images.dtype)))
-        else:
-            logits = net(images, text)
-        return answer_loss(logits, labels.to(images.device)), None
+            feats = state["feats"][idx.cpu().to(images.device)].to(images.dtype)
+            return m.lm(text, prefix_embeds=m.projector(feats))
+        return net(images, text)
 
-    def metrics(model, train, val, test):
+    def measure_all(model, train, curve):
         size = train.images.shape[-1]
-        val_point(model, size)
         v, t = (measure(model, split, kinds=kinds, n=eval_n, img_size=size) for split in ("val", "test"))
-        curve = state["curve"]
         out = {**{f"test_{k}": x for k, x in t.items()}, **{f"val_{k}": x for k, x in v.items()},
                "val_curve_step": [c[0] for c in curve]}
         for k in curve[-1][1]:
             out[f"val_curve_{k}"] = [c[1][k] for c in curve]
         return out
 
-    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+    return vlm_qa_objective(kinds, data_seed=data_seed, seed=check_int(seed, "seed", fn, low=0),
+                            eval_every=check_int(eval_every, "eval_every", fn), validate=validate,
+                            measure=measure_all, logits=logits)
 
 
 @torch.no_grad()

@@ -457,55 +457,34 @@ def visual_tokens(model) -> int:
 
 
 def qa_objective(data_seed: int = DATA_SEED, kinds=KINDS, seed: int = 0, eval_every: int = EVAL_EVERY):
-    """The zoo objective ``"vlm_qa"``: ``train_vlm``'s step (one random question of ``kinds`` per scene of the
-    batch, answer-only cross-entropy; the dataset's labels are scene indices into ``caption_scenes("train",
-    seed=data_seed)``; ``seed`` seeds the question draw). Every ``eval_every`` steps it logs the greedy answer
-    accuracy on the first ``VAL_CURVE_SCENES`` val scenes (the plateau curve); the checkpoint stores test and val
-    accuracy (per kind), the curve, ``plateau_gain`` of the curve and the visual token count."""
-    from vitlab import zoo
-    from vitlab.vlm import QuestionSampler, WordTokenizer, answer_accuracy, answer_loss, caption_scenes
+    """The zoo objective ``"vlm_qa"``: ``vitlab.vlm.qa_objective`` (``train_vlm``'s step: one random question of
+    ``kinds`` per scene of the batch, answer-only cross-entropy; ``seed`` seeds the question draw). Every
+    ``eval_every`` steps it logs the greedy answer accuracy on the first ``VAL_CURVE_SCENES`` val scenes (the plateau
+    curve); the checkpoint stores test and val accuracy (per kind), the curve, ``plateau_gain`` of the curve and the
+    visual token count."""
+    from vitlab.vlm import answer_accuracy, caption_scenes, qa_objective as vlm_qa_objective
+    from vitlab.zoo import plateau_gain
 
     fn = "qa_objective"
     data_seed = check_int(data_seed, "data_seed", fn, low=0)
-    seed = check_int(seed, "seed", fn, low=0)
-    eval_every = check_int(eval_every, "eval_every", fn)
     kinds = tuple(kinds)
-    state = {"step": 0, "curve": []}
+    val = {}
 
-    def val_point(net):
-        if "val" not in state:
-            state["val"] = caption_scenes("val", seed=data_seed, n=VAL_CURVE_SCENES)
-        state["curve"].append((state["step"], answer_accuracy(net, state["val"], kinds=kinds)))
+    def validate(model, img_size):
+        if not val:
+            val["scenes"] = caption_scenes("val", seed=data_seed, n=VAL_CURVE_SCENES)
+        return answer_accuracy(model, val["scenes"], kinds=kinds)
 
-    def step_fn(net, images, idx):
-        from vitlab.train import unwrap
-
-        if "questions" not in state:
-            cs = caption_scenes("train", seed=data_seed, img_size=images.shape[-1])
-            state["questions"] = QuestionSampler(cs, WordTokenizer(), kinds, seed=seed + 1)
-            if len(state["questions"].scenes) != len(cs):
-                raise ValueError(f"{fn}: every scene needs a question of kinds {kinds}")
-        if state["step"] % eval_every == 0:
-            was = net.training
-            val_point(unwrap(net))
-            net.train(was)
-        state["step"] += 1
-        text, labels = state["questions"](idx)
-        return answer_loss(net(images, text.to(images.device)), labels.to(images.device)), None
-
-    def metrics(model, train, val, test):
-        from vitlab.zoo import plateau_gain
-
-        val_point(model)
+    def measure(model, train, curve):
         out = {}
         for split in ("val", "test"):
             acc = answer_accuracy(model, caption_scenes(split, seed=data_seed), kinds=kinds, per_kind=True)
             out.update({f"{split}_{k}": v for k, v in acc.items()})
-        curve = state["curve"]
         return {**out, "visual_tokens": visual_tokens(model), "val_curve_step": [c[0] for c in curve],
                 "val_curve_acc": [c[1] for c in curve], "plateau_gain": plateau_gain([c[1] for c in curve])}
 
-    return zoo.Objective(step_fn=step_fn, metrics=metrics)
+    return vlm_qa_objective(kinds, data_seed=data_seed, seed=check_int(seed, "seed", fn, low=0),
+                            eval_every=check_int(eval_every, "eval_every", fn), validate=validate, measure=measure)
 
 
 def model_name(variant: str) -> str:
