@@ -18,3 +18,8 @@ if __name__ == "__main__":
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(hist["train_loss"], f)
+    if torch.distributed.is_initialized():
+        # tear gloo down together: a rank that exits while the other still holds the pair aborts
+        # ("terminate called without an active exception", seen under load in CI)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
