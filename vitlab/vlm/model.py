@@ -134,7 +134,9 @@ class TinyVLM(nn.Module):
         return answer_loss(self(images, text), labels, return_correct=return_correct)
 
     # ------------------------------------------------------------------------------------------ generation
-    def _check_prompt(self, images: torch.Tensor, prompt_ids: torch.Tensor) -> None:
+    def check_prompt(self, images: torch.Tensor, prompt_ids: torch.Tensor) -> None:
+        """Raise a clear error unless ``images`` [B, C, H, W] and ``prompt_ids`` [B, L] (int64, no <pad>) can be
+        prefilled together: what ``prefill``, ``ttft`` and every lesson's timing or decoding helper check first."""
         _check_ids(prompt_ids, "prompt_ids", "TinyVLM")
         check_ndim(images, 4, "images", "TinyVLM")
         if images.shape[0] != prompt_ids.shape[0]:
@@ -147,7 +149,7 @@ class TinyVLM(nn.Module):
     def prefill(self, images: torch.Tensor, prompt_ids: torch.Tensor, kv_cache: KVCache | None = None
                 ) -> tuple[torch.Tensor, KVCache]:
         """Run [visual tokens; prompt] once: the next-token logits [B, V] and the filled cache."""
-        self._check_prompt(images, prompt_ids)
+        self.check_prompt(images, prompt_ids)
         cache = KVCache() if kv_cache is None else kv_cache
         logits = self.lm(prompt_ids, prefix_embeds=self.visual_prefix(images), kv_cache=cache)
         return logits[:, -1], cache
@@ -182,6 +184,6 @@ class TinyVLM(nn.Module):
         prefill over [visual tokens; prompt], timed by ``vitlab.measure.latency`` (CUDA events on GPU)."""
         from vitlab.measure import latency
 
-        self._check_prompt(images, prompt_ids)
+        self.check_prompt(images, prompt_ids)
         timed = _FirstToken(self).train(self.training)  # latency restores the wrapper's mode: make it ours
         return latency(timed, (images, prompt_ids), warmup=warmup, repeats=repeats)["median_ms"]

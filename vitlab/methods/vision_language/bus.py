@@ -754,7 +754,7 @@ class _QAMixin:
     def prefill(self, images, prompt_ids, kv_cache=None):
         from vitlab.vlm import KVCache
 
-        self._check_prompt(images, prompt_ids)
+        self.check_prompt(images, prompt_ids)
         cache = KVCache() if kv_cache is None else kv_cache
         logits = self.lm(prompt_ids, prefix_embeds=self.visual_prefix(images, prompt_ids), kv_cache=cache)
         return logits[:, -1], cache

@@ -213,7 +213,7 @@ def damro_generate(vlm, images: torch.Tensor, prompt_ids: torch.Tensor, max_new_
 
     fn = "damro_generate"
     _check_vlm(vlm, fn)
-    vlm._check_prompt(images, prompt_ids)
+    vlm.check_prompt(images, prompt_ids)
     check_int(max_new_tokens, "max_new_tokens", fn)
     check_number(alpha, "alpha", fn, low=0)
     check_number(beta, "beta", fn, low=0, high=1, low_open=True)

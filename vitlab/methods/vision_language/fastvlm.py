@@ -313,7 +313,7 @@ def prefill_ms(model, images: torch.Tensor, prompt_ids: torch.Tensor, *, warmup:
 
     if not isinstance(model, TinyVLM):
         raise TypeError(f"prefill_ms: model must be a TinyVLM, got {type(model).__name__}")
-    model._check_prompt(images, prompt_ids)
+    model.check_prompt(images, prompt_ids)
     prefix = model.visual_prefix(images)
     return latency(_Prefill(model).train(model.training), (prefix, prompt_ids), warmup=warmup,
                    repeats=repeats)["median_ms"]

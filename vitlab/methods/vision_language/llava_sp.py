@@ -654,7 +654,7 @@ def first_token_macs(model, images: torch.Tensor, prompt_ids: torch.Tensor) -> i
 
     if not isinstance(model, TinyVLM):
         raise TypeError(f"first_token_macs: model must be a TinyVLM, got {type(model).__name__}")
-    model._check_prompt(images, prompt_ids)
+    model.check_prompt(images, prompt_ids)
     return macs(_FirstToken(model), (images, prompt_ids))
 
 
