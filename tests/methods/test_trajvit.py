@@ -309,7 +309,7 @@ def test_zoo_entries_are_equal_step_controls():
     assert TV.LONG_STEPS["cpu"] == 2 * TV.STEPS["cpu"]
     assert TV.entry_name("traj", 1) == "ch7_trajvit_traj_s1"
     with pytest.raises(ValueError, match="seed"):
-        TV.entry_name("traj", 3)
+        TV.entry_name("traj", len(TV.SEEDS))
     with pytest.raises(ValueError, match="seed"):
         TV.entry_name("vit3d", 1, long=True)
     with pytest.raises(ValueError, match="arm"):
