@@ -258,6 +258,25 @@ def test_zoo_entries_are_equal_step_controls():
     assert B.LONG_STEPS["cpu"] == 2 * B.STEPS["cpu"]
 
 
+def test_pad_only_ablation_is_bus_keeping_every_patch():
+    from vitlab import zoo
+    from vitlab.models.registry import MODELS
+
+    assert MODELS[B.model_name(B.PAD_ONLY)]["keep_ratio"] == 1.0
+    for s in B.SEEDS:
+        clip, bus = zoo.ZOO[B.ablation_entry_name(s)], zoo.ZOO[B.entry_name("bus", s)]
+        assert clip.config("cpu") | {"model": None} == bus.config("cpu") | {"model": None}
+        qa, bus_qa = zoo.ZOO[B.ablation_entry_name(s, qa=True)], zoo.ZOO[B.qa_entry_name("bus", s)]
+        assert qa.init == B.ablation_entry_name(s) and bus_qa.init == B.entry_name("bus", s)
+        assert {k: v for k, v in vars(qa).items() if k not in ("model", "init")} == \
+            {k: v for k, v in vars(bus_qa).items() if k not in ("model", "init")}
+    torch.manual_seed(0)
+    enc = B.bus_clip(keep_ratio=1.0).image_encoder.eval()
+    assert enc.num_kept == enc.num_patches  # every block sees every patch: only PAD's summary remains
+    with pytest.raises(ValueError, match="seed must be one of"):
+        B.ablation_entry_name(3)
+
+
 def test_objective_steps():
     from vitlab import data, zoo
 

@@ -81,7 +81,7 @@ __all__ = ["patch_keys", "TSPS", "PADLayer", "PatchAbstractionDecoder", "BUSVisi
            "gallery_recall", "pair_similarity", "NEGATIVE_KINDS", "hard_negatives", "hard_negative_accuracy",
            "zero_shot_object", "ARMS", "SEEDS", "DATA_SEED", "STEPS", "LONG_STEPS", "FIT", "EVAL_EVERY", "GALLERY",
            "VAL_N", "VAL_GALLERY", "PTM_WEIGHT", "VIT", "measure", "itc_ptm_objective", "model_name", "entry_name",
-           "QA_KINDS", "QA_STEPS", "QA_LONG_STEPS", "QA_FIT", "QA_VAL_N", "QA_EVAL_EVERY", "qa_model", "BUSQA", "PlainQA", "qa_objective",
+           "PAD_ONLY", "ablation_entry_name", "QA_KINDS", "QA_STEPS", "QA_LONG_STEPS", "QA_FIT", "QA_VAL_N", "QA_EVAL_EVERY", "qa_model", "BUSQA", "PlainQA", "qa_objective",
            "qa_entry_name"]
 
 
@@ -469,6 +469,9 @@ def gallery_recall(model: TinyCLIP, images: torch.Tensor, text_ids: torch.Tensor
 # ViT on every patch). Both train with the same steps, lr, data (4,000 scenes, ``DATA_SEED``) and seeds; the only
 # difference is the tower and the PTM term that trains TSPS.
 ARMS = ("bus", "vit")
+# The ablation: BUS with keep_ratio = 1 (TSPS keeps every patch, so only PAD's 8-token summary remains), the same
+# recipe and seeds as the "bus" arm: which half of BUS costs the hard negatives and the QA read-out?
+PAD_ONLY = "padonly"
 SEEDS = (0, 1, 2)
 DATA_SEED = 0
 # 2,000 steps: at 1,000 retrieval had plateaued (R@1 ~99 %) but seed 0 trained twice as long still gained 3-6 points
@@ -771,11 +774,11 @@ def qa_model(arm: str = "bus", img_size: int = 32, in_chans: int = 3, num_classe
     """The QA read-out of an arm: ``BUSQA`` (frozen BUS towers: 8 summary tokens) or ``PlainQA`` (frozen ViT: 64 patch
     tokens), each with a 2-layer MLP projector and a ``TinyLM`` (``lm_depth`` x ``lm_dim``). The towers get their
     weights from the arm's CLIP through ``start_from`` (the zoo's ``init``)."""
-    check_choice(arm, ARMS, "arm", "qa_model")
+    check_choice(arm, ARMS + (PAD_ONLY,), "arm", "qa_model")
     proj, lm = _qa_parts(img_size, in_chans, check_int(lm_dim, "lm_dim", "qa_model"),
                          check_int(lm_depth, "lm_depth", "qa_model"))
-    if arm == "bus":
-        clip = bus_clip(img_size, in_chans)
+    if arm != "vit":
+        clip = bus_clip(img_size, in_chans, keep_ratio=1.0 if arm == PAD_ONLY else 0.5)
         return BUSQA(clip.image_encoder, clip.text_encoder, proj, lm)
     return PlainQA(plain_clip(img_size, in_chans).image_encoder, proj, lm)
 
@@ -864,9 +867,17 @@ def qa_entry_name(arm: str, seed: int, long: bool = False) -> str:
 
 
 def model_name(arm: str) -> str:
-    """The registry model of an arm: ``ch7_bus_clip_<arm>``."""
-    check_choice(arm, ARMS, "arm", "model_name")
+    """The registry model of an arm (or of the ablation ``PAD_ONLY``): ``ch7_bus_clip_<arm>``."""
+    check_choice(arm, ARMS + (PAD_ONLY,), "arm", "model_name")
     return f"ch7_bus_clip_{arm}"
+
+
+def ablation_entry_name(seed: int, qa: bool = False) -> str:
+    """The ablation's CLIP ``ch7_bus_padonly_s<seed>`` (``STEPS``, the "bus" arm's recipe with keep_ratio = 1) or, with
+    ``qa=True``, its QA read-out ``ch7_bus_qa_padonly_s<seed>`` (``QA_STEPS``)."""
+    if isinstance(seed, bool) or seed not in SEEDS:
+        raise ValueError(f"ablation_entry_name: seed must be one of {SEEDS}, got {seed!r}")
+    return f"ch7_bus_qa_{PAD_ONLY}_s{seed}" if qa else f"ch7_bus_{PAD_ONLY}_s{seed}"
 
 
 def entry_name(arm: str, seed: int, long: bool = False) -> str:
@@ -887,10 +898,14 @@ def _register() -> None:
     zoo.register_objective("bus_itc", itc_ptm_objective)
     register_model(model_name("bus"), bus_clip, img_size=32, in_chans=3, num_classes=0)
     register_model(model_name("vit"), plain_clip, img_size=32, in_chans=3, num_classes=0)
-    for arm in ARMS:
+    register_model(model_name(PAD_ONLY), bus_clip, img_size=32, in_chans=3, num_classes=0, keep_ratio=1.0)
+    for arm in ARMS + (PAD_ONLY,):
         for long, seeds, steps in ((False, SEEDS, STEPS), (True, SEEDS[:1], LONG_STEPS)):
+            if arm == PAD_ONLY and long:
+                continue
             for seed in seeds:
-                zoo.register(entry_name(arm, seed, long), zoo.Recipe(
+                name = ablation_entry_name(seed) if arm == PAD_ONLY else entry_name(arm, seed, long)
+                zoo.register(name, zoo.Recipe(
                     model=model_name(arm), data="vlm_caption_scenes", data_kwargs=dict(img_size=32), fit=dict(FIT),
                     seed=seed, data_seed=DATA_SEED,
                     per_profile={p: dict(steps=n, max_train=None) for p, n in steps.items()},
@@ -898,13 +913,17 @@ def _register() -> None:
                     objective_kwargs=dict(data_seed=DATA_SEED, eval_every=(2 if long else 1) * EVAL_EVERY,
                                           ptm_weight=PTM_WEIGHT, val_n=VAL_N, val_gallery=VAL_GALLERY)))
     zoo.register_objective("bus_qa", qa_objective)
-    for arm in ARMS:
+    for arm in ARMS + (PAD_ONLY,):
         register_model(f"ch7_bus_qa_{arm}", qa_model, arm=arm, img_size=32, in_chans=3, num_classes=0)
         for long, seeds, steps in ((False, SEEDS, QA_STEPS), (True, SEEDS[:1], QA_LONG_STEPS)):
+            if arm == PAD_ONLY and long:
+                continue
             for seed in seeds:
-                zoo.register(qa_entry_name(arm, seed, long), zoo.Recipe(
+                name, init = (ablation_entry_name(seed, qa=True), ablation_entry_name(seed)) if arm == PAD_ONLY else \
+                    (qa_entry_name(arm, seed, long), entry_name(arm, seed))
+                zoo.register(name, zoo.Recipe(
                     model=f"ch7_bus_qa_{arm}", data="vlm_caption_scenes", data_kwargs=dict(img_size=32),
-                    fit=dict(QA_FIT), seed=seed, data_seed=DATA_SEED, init=entry_name(arm, seed),
+                    fit=dict(QA_FIT), seed=seed, data_seed=DATA_SEED, init=init,
                     per_profile={p: dict(steps=n, max_train=None) for p, n in steps.items()},
                     shares={"smoke": "cpu"}, objective="bus_qa",
                     objective_kwargs=dict(data_seed=DATA_SEED, kinds=list(QA_KINDS), seed=seed,
