@@ -408,3 +408,14 @@ def test_question_sampler_draws_one_question_of_the_scene():
             qs(torch.tensor(missing[:1]))
     with pytest.raises(TypeError, match="CaptionScenes"):
         QuestionSampler(data.images)
+
+
+def test_seeded_entry_names_the_seeds_and_the_plateau_check():
+    from vitlab import vlm
+
+    assert vlm.seeded_entry("ch7_x_arm", 2, (0, 1, 2)) == "ch7_x_arm_s2"
+    assert vlm.seeded_entry("ch7_x_arm", 0, (0, 1, 2), long=True) == "ch7_x_arm_long_s0"
+    with pytest.raises(ValueError, match=r"entry_name: seed must be one of \(0,\), got 1"):
+        vlm.seeded_entry("ch7_x_arm", 1, (0, 1, 2), long=True)  # the longer run exists for the first seed only
+    with pytest.raises(ValueError, match=r"qa_entry_name: seed must be one of \(0, 1, 2\), got True"):
+        vlm.seeded_entry("ch7_x_arm", True, (0, 1, 2), fn="qa_entry_name")

@@ -24,7 +24,7 @@ from .model import IGNORE, TinyVLM, answer_loss, pack_answers
 from .projector import VisionProjector
 from .tokenizer import SPECIAL_TOKENS, WordTokenizer
 from .train import (QuestionSampler, answer_accuracy, contrastive_objective, predict_answers, qa_objective, qa_tensors,
-                    train_clip, train_vlm)
+                    seeded_entry, train_clip, train_vlm)
 
 __all__ = [
     "WordTokenizer", "SPECIAL_TOKENS", "VOCAB",
@@ -34,6 +34,6 @@ __all__ = [
     "TinyCLIP", "TextEncoder", "clip_loss", "zero_shot_classify", "recall_at_k", "LOGIT_SCALE_MAX",
     "caption_scenes", "moving_shapes_videos", "CaptionScenes", "MovingShapes", "SceneObject", "MovingObject", "QA",
     "COLOURS", "SHAPES", "SIZES", "POSITIONS", "MOTIONS", "QUESTION_KINDS", "PROBE_KINDS",
-    "train_vlm", "train_clip", "predict_answers", "answer_accuracy", "qa_tensors", "QuestionSampler",
+    "train_vlm", "train_clip", "predict_answers", "answer_accuracy", "qa_tensors", "QuestionSampler", "seeded_entry",
     "contrastive_objective", "qa_objective",
 ]

@@ -31,7 +31,7 @@ from .model import TinyVLM, answer_loss, pack_answers
 from .tokenizer import WordTokenizer
 
 __all__ = ["train_vlm", "train_clip", "predict_answers", "answer_accuracy", "qa_tensors", "contrastive_objective",
-           "qa_objective"]
+           "qa_objective", "seeded_entry"]
 
 
 def _fit_logits(correct: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -280,3 +280,13 @@ def qa_objective(kinds, *, data_seed: int, seed: int, eval_every: int, validate,
         return measure(model, train, state["curve"])
 
     return zoo.Objective(step_fn=step_fn, metrics=metrics)
+
+
+def seeded_entry(prefix: str, seed: int, seeds, long: bool = False, fn: str = "entry_name") -> str:
+    """A chapter-7 zoo entry: ``<prefix>_s<seed>`` for a seed in ``seeds``, or with ``long=True`` the plateau check
+    ``<prefix>_long_s<seed>``, which exists for the first seed only (seed 0 trained twice as long). ``fn`` names
+    the caller in the error a wrong seed gets."""
+    allowed = tuple(seeds)[:1] if long else tuple(seeds)
+    if isinstance(seed, bool) or seed not in allowed:
+        raise ValueError(f"{fn}: seed must be one of {allowed}, got {seed!r}")
+    return f"{prefix}_long_s{seed}" if long else f"{prefix}_s{seed}"

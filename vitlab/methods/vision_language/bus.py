@@ -75,6 +75,7 @@ from vitlab.checks import check_choice, check_cls_vit, check_int, check_ndim, ch
 from vitlab.models.layers import CrossAttention
 from vitlab.models.vit import Attention, LayerNorm, init_linear_
 from vitlab.vlm.clip import TinyCLIP
+from vitlab.vlm.train import seeded_entry
 
 __all__ = ["patch_keys", "TSPS", "PADLayer", "PatchAbstractionDecoder", "BUSVisionEncoder", "BUSCLIP", "bus_clip",
            "plain_clip", "ptm_labels", "ptm_loss", "selection_recall", "pairwise_similarity", "recall_from_similarity",
@@ -862,8 +863,8 @@ def qa_objective(data_seed: int = DATA_SEED, kinds=QA_KINDS, seed: int = 0, eval
 def qa_entry_name(arm: str, seed: int, long: bool = False) -> str:
     """The QA read-out entry ``ch7_bus_qa_<arm>_s<seed>`` (on ``entry_name(arm, seed)``'s CLIP, ``QA_STEPS``) or
     ``ch7_bus_qa_<arm>_long_s0`` (``QA_LONG_STEPS``)."""
-    entry_name(arm, seed, long)
-    return f"ch7_bus_qa_{arm}_long_s{seed}" if long else f"ch7_bus_qa_{arm}_s{seed}"
+    model_name(arm)
+    return seeded_entry(f"ch7_bus_qa_{arm}", seed, SEEDS, long, fn="qa_entry_name")
 
 
 def model_name(arm: str) -> str:
@@ -884,9 +885,7 @@ def entry_name(arm: str, seed: int, long: bool = False) -> str:
     """The zoo entry ``ch7_bus_<arm>_s<seed>`` (``STEPS``), or with ``long=True`` ``ch7_bus_<arm>_long_s0``
     (``LONG_STEPS``, seed 0 only: the plateau check by a longer run)."""
     model_name(arm)
-    if isinstance(seed, bool) or seed not in (SEEDS[:1] if long else SEEDS):
-        raise ValueError(f"entry_name: seed must be one of {SEEDS[:1] if long else SEEDS}, got {seed!r}")
-    return f"ch7_bus_{arm}_long_s{seed}" if long else f"ch7_bus_{arm}_s{seed}"
+    return seeded_entry(f"ch7_bus_{arm}", seed, SEEDS, long)
 
 
 def _register() -> None:

@@ -75,6 +75,7 @@ from timm.models.fastvit import FastVit, RepConditionalPosEnc
 from timm.utils.model import reparameterize_model
 
 from vitlab.checks import check_choice, check_int, check_model, check_number
+from vitlab.vlm.train import seeded_entry
 
 __all__ = ["FASTVITHD", "TINY", "STRIDE", "HEAD_DIM", "fastvithd_config", "FastViTHD", "fastvithd", "fastvithd_tiny",
            "token_count", "VIT", "matched_vit", "reparameterized", "ENCODERS", "IMG_SIZE", "TEXT_LEN", "LM",
@@ -440,9 +441,7 @@ def entry_name(encoder: str, seed: int, long: bool = False) -> str:
     """The zoo entry ``ch7_fastvlm_<encoder>_s<seed>`` (``STEPS``), or with ``long=True``
     ``ch7_fastvlm_<encoder>_long_s0`` (``LONG_STEPS``, seed 0 only: the plateau check by a longer run)."""
     model_name(encoder)
-    if isinstance(seed, bool) or seed not in (SEEDS[:1] if long else SEEDS):
-        raise ValueError(f"entry_name: seed must be one of {SEEDS[:1] if long else SEEDS}, got {seed!r}")
-    return f"ch7_fastvlm_{encoder}_long_s{seed}" if long else f"ch7_fastvlm_{encoder}_s{seed}"
+    return seeded_entry(f"ch7_fastvlm_{encoder}", seed, SEEDS, long)
 
 
 def _register() -> None:

@@ -89,6 +89,7 @@ import torch.nn.functional as F
 
 from vitlab.checks import check_choice, check_int, check_model, check_ndim
 from vitlab.vlm.projector import VisionProjector
+from vitlab.vlm.train import seeded_entry
 
 __all__ = ["NUM_SP_TOKENS", "pool_sides", "crop_sides", "nested_crops", "cross_attend", "PoolingSFE", "CroppingSFE",
            "DFI", "SpatialProjector", "ARMS", "SEEDS", "DATA_SEED", "IMG_SIZE", "VIT", "LM", "STEPS", "LONG_STEPS",
@@ -674,9 +675,7 @@ def entry_name(arm: str, seed: int, long: bool = False) -> str:
     """The zoo entry ``ch7_llava_sp_<arm>_s<seed>`` (``STEPS``), or with ``long=True`` ``ch7_llava_sp_<arm>_long_s0``
     (``LONG_STEPS``, seed 0 only: the plateau check by a longer run)."""
     check_choice(arm, ARMS, "arm", "entry_name")
-    if isinstance(seed, bool) or seed not in (SEEDS[:1] if long else SEEDS):
-        raise ValueError(f"entry_name: seed must be one of {SEEDS[:1] if long else SEEDS}, got {seed!r}")
-    return f"ch7_llava_sp_{arm}_long_s{seed}" if long else f"ch7_llava_sp_{arm}_s{seed}"
+    return seeded_entry(f"ch7_llava_sp_{arm}", seed, SEEDS, long)
 
 
 def _register() -> None:

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 
 from vitlab.checks import check_choice, check_int, check_model, check_ndim
 from vitlab.models.vit import LayerNorm, VisionTransformer
+from vitlab.vlm.train import seeded_entry
 
 __all__ = ["MERGING", "POS_MODES", "window_tokens", "avg_pooling", "WTC", "UHDViT", "pi_resize_matrix", "pi_resize",
            "refine_patch_embed", "resize_pos_embed", "refine_vit", "load_refined", "PatchMerger2x2"]
@@ -500,9 +501,7 @@ def entry_name(variant: str, seed: int, long: bool = False) -> str:
     """The zoo entry ``ch7_uhd_<variant>_s<seed>`` (``STEPS``), or with ``long=True`` ``ch7_uhd_<variant>_long_s0``
     (``LONG_STEPS``, seed 0 only: the plateau check by a longer run)."""
     check_choice(variant, LONG_VARIANTS if long else VARIANTS, "variant", "entry_name")
-    if isinstance(seed, bool) or seed not in (SEEDS[:1] if long else SEEDS):
-        raise ValueError(f"entry_name: seed must be one of {SEEDS[:1] if long else SEEDS}, got {seed!r}")
-    return f"ch7_uhd_{variant}_long_s{seed}" if long else f"ch7_uhd_{variant}_s{seed}"
+    return seeded_entry(f"ch7_uhd_{variant}", seed, SEEDS, long)
 
 
 def _register() -> None:

@@ -105,6 +105,7 @@ from torchvision.models.resnet import BasicBlock
 
 from vitlab.checks import check_choice, check_images, check_int, check_ndim
 from vitlab.models.vit import Block, init_linear_
+from vitlab.vlm.train import seeded_entry
 
 __all__ = ["pack_videos", "unpack_videos", "video_trajectories", "num_trajectories", "decompose_masks",
            "masked_pooling", "gather_trajectories", "resize_bilinear", "segment_boxes", "sinusoidal_coords", "PerceiverAttention",
@@ -815,9 +816,7 @@ def entry_name(arm: str, seed: int, long: bool = False) -> str:
     """The zoo entry ``ch7_trajvit_<arm>_s<seed>`` (``STEPS``), or with ``long=True`` ``ch7_trajvit_<arm>_long_s0``
     (``LONG_STEPS``, seed 0 only: the plateau check by a longer run)."""
     model_name(arm)
-    if isinstance(seed, bool) or seed not in (SEEDS[:1] if long else SEEDS):
-        raise ValueError(f"entry_name: seed must be one of {SEEDS[:1] if long else SEEDS}, got {seed!r}")
-    return f"ch7_trajvit_{arm}_long_s{seed}" if long else f"ch7_trajvit_{arm}_s{seed}"
+    return seeded_entry(f"ch7_trajvit_{arm}", seed, SEEDS, long)
 
 
 def _register() -> None:

@@ -69,6 +69,7 @@ from timm.layers import DropPath, make_divisible, trunc_normal_
 
 from vitlab.checks import check_choice, check_images, check_int, check_number
 from vitlab.models.vit import Block, LayerNorm, init_linear_
+from vitlab.vlm.train import seeded_entry
 
 __all__ = ["LayerNorm2d", "ConvStem", "Downsample2d", "MBConvLNBlock", "StridedConv", "MBConvStages", "ConvEmbed",
            "geglu", "GeGLUMlp", "GeGLUBlock", "ViTamin", "vitamin_tiny", "vitamin_small", "matched_vit",
@@ -507,9 +508,7 @@ def entry_name(tower: str, seed: int, long: bool = False) -> str:
     """The zoo entry ``ch7_<tower>_clip_s<seed>`` (``STEPS``), or with ``long=True`` ``ch7_<tower>_clip_long_s0``
     (``LONG_STEPS``, seed 0 only: the plateau check by a longer run)."""
     model_name(tower)
-    if isinstance(seed, bool) or seed not in (SEEDS[:1] if long else SEEDS):
-        raise ValueError(f"entry_name: seed must be one of {SEEDS[:1] if long else SEEDS}, got {seed!r}")
-    return f"ch7_{tower}_clip_long_s{seed}" if long else f"ch7_{tower}_clip_s{seed}"
+    return seeded_entry(f"ch7_{tower}_clip", seed, SEEDS, long)
 
 
 def _register() -> None:
