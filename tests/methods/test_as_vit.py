@@ -60,7 +60,20 @@ def test_scores_average_over_fresh_initialisations():
     assert out["length"] == pytest.approx(sum(r["length"] for r in out["per_seed"]) / 2)
 
 
+def test_rank_best_sums_the_two_ranks_as_the_official_search():
+    # ntk ascending [5, 5, 10, 20]: the tied 5s share rank 0; length descending [3, 2, 1, 0.5]
+    scores = {"a": dict(ntk=10.0, length=1.0),  # 2 + 2
+              "b": dict(ntk=5.0, length=2.0),  # 0 + 1: the pick
+              "c": dict(ntk=20.0, length=3.0),  # 3 + 0
+              "d": dict(ntk=5.0, length=0.5)}  # 0 + 3
+    assert A.rank_sums(scores) == {"a": 4, "b": 1, "c": 3, "d": 3}
+    assert A.rank_best(scores) == "b"
+    assert A.rank_best({"x": dict(ntk=1.0, length=1.0), "y": dict(ntk=1.0, length=1.0)}) == "x"  # ties: first
+
+
 @pytest.mark.parametrize("call, match", [
+    (lambda: A.rank_sums({}), "rank_sums: scores must be"),
+    (lambda: A.rank_sums({"a": {"ntk": 1.0}}), r"rank_sums: scores\['a'\] must hold"),
     (lambda: A.curve((1, 2, 2), n_points=1), "curve: n_points must be"),
     (lambda: A.ntk_condition(nn.Flatten(), torch.rand(2, 4)), "ntk_condition: images must be"),
     (lambda: A.ntk_condition(3, torch.rand(2, 1, 2, 2)), "ntk_condition: model must be"),

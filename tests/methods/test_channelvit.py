@@ -31,6 +31,19 @@ def test_a_subset_is_the_same_tokens_as_the_full_input_minus_the_missing_channel
     assert model(x[:, [1]], channels=[1]).shape == (2, 10)
 
 
+def test_the_one_channel_comparison_row_is_the_plain_vit_plus_a_channel_embedding():
+    from vitlab import zoo
+    from vitlab.methods.architectures import recipes
+    from vitlab.models import create_model
+
+    model, plain = (create_model(recipes.model_name(m)) for m in ("channelvit_1ch", "vit"))
+    assert model.patch_embed.num_patches == plain.patch_embed.num_patches == 49  # one token per patch
+    n = {k: sum(p.numel() for p in m.parameters()) for k, m in (("c", model), ("v", plain))}
+    assert n["c"] - n["v"] == 64  # the channel embedding (the qkv biases, init and layout match the plain ViT's)
+    cfg, plain_cfg = (zoo.ZOO[recipes.entry_name(m, 2)].config("cpu") for m in ("channelvit_1ch", "vit"))
+    assert cfg.pop("model") != plain_cfg.pop("model") and cfg == plain_cfg  # same data, recipe and seed
+
+
 def test_hcs_draws_the_number_of_channels_uniformly():
     """m ~ U{1..C}: over 4,000 draws with C = 4 each count is near 1,000 (chi-square, 3 dof, p = 0.001: 16.3)."""
     g = torch.Generator().manual_seed(0)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from vitlab import zoo
 from vitlab.methods.architectures import ggem_pooling as G
 
 
@@ -48,6 +49,26 @@ def test_gradients_reach_tokens_and_exponents():
                                     (x, pool.p.detach().clone().requires_grad_()))
     pool(x).sum().backward()
     assert pool.p.grad is not None and pool.p.grad.shape == (3,) and x.grad.abs().sum() > 0
+
+
+def test_ggem_vit_pools_its_final_patch_tokens_not_the_cls_token():
+    from vitlab.methods.architectures import recipes
+    from vitlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(recipes.model_name("ggem_vit")).eval()
+    x = torch.rand(2, 1, 28, 28)
+    tokens = model.forward_features(x)  # [B, CLS + 49, 64], after the final norm
+    assert tokens.shape == (2, 50, 64) and model.ggem.groups == 4  # one exponent per head
+    torch.testing.assert_close(model(x), model.head(gem_reference(tokens[:, 1:], 3.0)))
+    with torch.no_grad():
+        model.ggem.p.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens[:, 1:].clamp(min=1e-6).mean(1))
+    # the rest is the plain ViT's: same parameters but the 4 exponents, same recipe entry but the model
+    plain = create_model(recipes.model_name("vit"))
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters()) == 4
+    cfg, plain_cfg = (zoo.ZOO[recipes.entry_name(m, 1)].config("cpu") for m in ("ggem_vit", "vit"))
+    assert cfg.pop("model") == "ch1_ggem_vit" and plain_cfg.pop("model") == "ch1_vit" and cfg == plain_cfg
 
 
 def test_probe_poolings_read_the_right_tokens():

@@ -18,6 +18,16 @@ def test_only_the_patch_size_changes():
     assert [S.tokens(p) for p in S.PATCHES] == [1, 4, 16, 64]
 
 
+def test_the_comparison_row_is_the_plain_vit_at_patch_2():
+    from vitlab import zoo
+
+    model, plain = (create_model(recipes.model_name(m)) for m in ("vit_patch2", "vit"))
+    assert model.patch_embed.num_patches == 196 == 4 * plain.patch_embed.num_patches
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    cfg, plain_cfg = (zoo.ZOO[recipes.entry_name(m, 0)].config("cpu") for m in ("vit_patch2", "vit"))
+    assert cfg.pop("model") == "ch1_vit_patch2" and plain_cfg.pop("model") == "ch1_vit" and cfg == plain_cfg
+
+
 def test_power_law_fit_recovers_a_known_law():
     n = [1, 4, 16, 64]
     errors = [0.5 * x ** -0.3 for x in n]

@@ -34,7 +34,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vitlab.checks import check_int, check_model, check_ndim
 from vitlab.stats import kendall_tau  # noqa: F401 - the lesson's ranking measure, re-exported
 
-__all__ = ["curve", "strip_norms", "length_distortion", "ntk_condition", "kendall_tau", "scores"]
+__all__ = ["curve", "strip_norms", "length_distortion", "ntk_condition", "kendall_tau", "scores", "rank_sums",
+           "rank_best"]
 
 _NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 
@@ -112,3 +113,24 @@ def scores(build: Callable[[], nn.Module], images: torch.Tensor, *, seeds=(0, 1,
                              ntk=ntk_condition(model, images)))
     return {"length": sum(r["length"] for r in per_seed) / len(per_seed),
             "ntk": sum(r["ntk"] for r in per_seed) / len(per_seed), "per_seed": per_seed}
+
+
+def rank_sums(scores: dict) -> dict:
+    """{name: rank by NTK condition (ascending: lower is better) + rank by length distortion (descending)} for
+    ``scores`` = {name: {"ntk": ..., "length": ...}}, ranks from 0; tied values share the better rank (the
+    official ``TEG._buffer_rank_best`` ranks with ``sorted(...).index(value)``). Lower: a better candidate."""
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError("rank_sums: scores must be a non-empty dict {name: {'ntk': ..., 'length': ...}}")
+    for name, s in scores.items():
+        if not isinstance(s, dict) or not {"ntk", "length"} <= set(s):
+            raise ValueError(f"rank_sums: scores[{name!r}] must hold 'ntk' and 'length', got {s!r}")
+    ntk = sorted(s["ntk"] for s in scores.values())
+    length = sorted((s["length"] for s in scores.values()), reverse=True)
+    return {name: ntk.index(s["ntk"]) + length.index(s["length"]) for name, s in scores.items()}
+
+
+def rank_best(scores: dict) -> str:
+    """The candidate As-ViT's search keeps: the smallest sum of the two ranks (``rank_sums``; ties: the first
+    listed, as the official ``np.argmin``)."""
+    sums = rank_sums(scores)
+    return min(sums, key=sums.get)

@@ -149,3 +149,8 @@ recipes.register("vit4ch", VisionTransformer, dataset="channels", img_size=28, i
                  **recipes.BASELINE)
 recipes.register("vit4ch_hcs", HCSViT, dataset="channels", img_size=28, in_chans=4, num_classes=10,
                  **recipes.BASELINE)
+# The chapter comparison's row: ChannelViT on the chapter's one-channel digits at the plain ViT's shape (patch 4).
+# One channel gives one token per patch, so it is the plain ViT plus a learned channel embedding (HCS has nothing to
+# drop): the row checks that the design costs nothing where it cannot help; its gain is on 4 channels (the lesson).
+recipes.register("channelvit_1ch", ChannelViT, img_size=28, in_chans=1, num_classes=10, hcs=False,
+                 **recipes.BASELINE)

@@ -17,6 +17,10 @@ No official code was found (see CURRICULUM.md #4). Paper-level choices, named he
 The lesson probes a frozen course ViT (chapter 1's plain ViT, 4 heads, so G = 4): it caches the final tokens
 once (``token_features``), then trains a linear head on each pooling (``train_probe``) over several seeds and
 compares them, plus retrieval mAP@R of the pooled vectors (``map_at_r``).
+
+``GGeMViT`` is the same pooling trained end to end: the chapter's plain ViT whose head reads GGeM over its final
+patch tokens (one exponent per head's channels) instead of the CLS token, registered as ``ggem_vit`` for the
+chapter comparison (same recipe, seeds and data as every chapter-1 architecture).
 """
 from __future__ import annotations
 
@@ -25,9 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitlab.checks import check_choice, check_int, check_model, check_ndim, check_number
+from vitlab.models import VisionTransformer
 from vitlab.seed import seed_everything
 
-__all__ = ["GGeM", "PoolingProbe", "POOLINGS", "token_features", "train_probe", "probe_accuracy", "map_at_r",
+from . import recipes
+
+__all__ = ["GGeM", "GGeMViT", "PoolingProbe", "POOLINGS", "token_features", "train_probe", "probe_accuracy", "map_at_r",
            "DEFAULTS"]
 
 POOLINGS = ("cls", "gap", "gem", "ggem")
@@ -59,6 +66,22 @@ class GGeM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, groups={self.groups}, eps={self.eps}"
+
+
+class GGeMViT(VisionTransformer):
+    """A ViT whose image vector is GGeM over its final patch tokens (after the last LayerNorm), one exponent per
+    head's channels (groups = num_heads); the CLS token stays in the sequence, as in the paper's ViTs, but the head
+    does not read it. Takes VisionTransformer's arguments (global_pool is GGeM's), plus ``p_init`` and ``eps``."""
+
+    def __init__(self, *, num_heads: int = 4, embed_dim: int = 64, p_init: float = 3.0, eps: float = 1e-6,
+                 **kwargs):
+        if "global_pool" in kwargs:
+            raise ValueError("GGeMViT: global_pool is GGeM; do not pass global_pool")
+        super().__init__(num_heads=num_heads, embed_dim=embed_dim, **kwargs)
+        self.ggem = GGeM(embed_dim, num_heads, p_init, eps)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ggem(x[:, self.num_prefix_tokens:])
 
 
 class PoolingProbe(nn.Module):
@@ -154,3 +177,6 @@ def map_at_r(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
     within = ranks[None, :] <= r[:, None]
     ap = (precision * hits * within).sum(1) / r.clamp(min=1)
     return ap[r > 0].mean().item()
+
+
+recipes.register("ggem_vit", GGeMViT, img_size=28, in_chans=1, num_classes=10, **recipes.BASELINE)

@@ -74,7 +74,9 @@ SEEDS = (0, 1, 2)
 # Fixed numbers, not a timer inside training: the same seed gives the same weights on every machine.
 STEP_MS_CPU = {"vit": 98.6, "t2t_vit": 154.8, "crossvit": 63.2, "volo": 98.3, "dhvt": 166.7, "dualtoken_vit": 61.6,
                "cas_vit": 70.9, "duoformer": 244.2, "shift_equivariant": 110.9, "l2vit": 183.9, "gmm_vit": 107.7,
-               "hyena_hyena": 182.7, "hyena_hybrid": 134.5, "vit_resnas": 133.4}
+               "hyena_hyena": 182.7, "hyena_hybrid": 134.5, "vit_resnas": 133.4,
+               # timed later, round-robin with the plain ViT and scaled to its time above (--add)
+               "ggem_vit": 103.2, "channelvit_1ch": 99.5, "vit_patch2": 556.0}
 
 # The control every architecture is compared with: a plain ViT (vit_nano's 4 x 64, patch 4), ~0.14 M parameters
 # on digits. Each lesson's architecture is sized to about as many parameters (check_matched).
