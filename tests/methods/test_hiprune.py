@@ -344,3 +344,11 @@ def test_bad_inputs_name_the_argument():
         H.KeptPositionLM(vlm, 64)
     with pytest.raises(ValueError, match="kv_cache"):
         H.KeptPositionLM(vlm.lm, 64)(torch.zeros(1, 3, dtype=torch.long))
+    from vitlab.vlm import KVCache
+
+    cache, vis = KVCache(), torch.zeros(1, 7, vlm.lm.dim)
+    H.KeptPositionLM(vlm.lm, 64)(torch.zeros(1, 3, dtype=torch.long), prefix_embeds=vis, kv_cache=cache)
+    with pytest.raises(ValueError, match="prefix_embeds must come first"):
+        H.KeptPositionLM(vlm.lm, 64)(prefix_embeds=vis, kv_cache=cache)
+    with pytest.raises(ValueError, match=r"KeptPositionLM: prefix_embeds must be \[B, P, 32\]"):
+        H.KeptPositionLM(vlm.lm, 64)(prefix_embeds=torch.zeros(1, 7, 5))

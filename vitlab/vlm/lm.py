@@ -115,27 +115,38 @@ class TinyLM(nn.Module):
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         parts = []
         if prefix_embeds is not None:
-            if not torch.is_tensor(prefix_embeds) or prefix_embeds.ndim != 3 or prefix_embeds.shape[-1] != self.dim:
-                shape = tuple(prefix_embeds.shape) if torch.is_tensor(prefix_embeds) else type(prefix_embeds).__name__
-                raise ValueError(f"TinyLM: prefix_embeds must be [B, P, {self.dim}], got {shape}")
+            self.check_prefix(prefix_embeds)
             parts.append(prefix_embeds)
         if input_ids is not None:
-            if not torch.is_tensor(input_ids) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
-                shape = (tuple(input_ids.shape), input_ids.dtype) if torch.is_tensor(input_ids) else type(input_ids)
-                raise ValueError(f"TinyLM: input_ids must be an int64 tensor [B, T], got {shape}")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
-                raise ValueError(f"TinyLM: input_ids must lie in 0..{self.vocab_size - 1}, got "
-                                 f"{int(input_ids.min())}..{int(input_ids.max())}")
-            parts.append(self.tok_emb(input_ids))
+            parts.append(self.embed_ids(input_ids))
         if not parts:
-            raise ValueError("TinyLM: give input_ids, prefix_embeds or both")
+            raise ValueError(f"{type(self).__name__}: give input_ids, prefix_embeds or both")
         if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
             raise ValueError(f"TinyLM: prefix_embeds has batch {parts[0].shape[0]}, input_ids {parts[1].shape[0]}")
         x = torch.cat(parts, dim=1)
         start = len(kv_cache) if kv_cache is not None else 0
         if start + x.shape[1] > self.max_len:
             raise ValueError(f"TinyLM: {start} cached + {x.shape[1]} new tokens exceed max_len={self.max_len}")
-        x = x + self.pos_emb[:, start:start + x.shape[1]]
+        return self.decode(x + self.pos_emb[:, start:start + x.shape[1]], kv_cache)
+
+    def check_prefix(self, prefix_embeds: torch.Tensor) -> None:
+        if not torch.is_tensor(prefix_embeds) or prefix_embeds.ndim != 3 or prefix_embeds.shape[-1] != self.dim:
+            shape = tuple(prefix_embeds.shape) if torch.is_tensor(prefix_embeds) else type(prefix_embeds).__name__
+            raise ValueError(f"{type(self).__name__}: prefix_embeds must be [B, P, {self.dim}], got {shape}")
+
+    def embed_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, dim] of ``input_ids`` [B, T] (int64, inside the vocabulary), no positions."""
+        fn = type(self).__name__
+        if not torch.is_tensor(input_ids) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
+            shape = (tuple(input_ids.shape), input_ids.dtype) if torch.is_tensor(input_ids) else type(input_ids)
+            raise ValueError(f"{fn}: input_ids must be an int64 tensor [B, T], got {shape}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+            raise ValueError(f"{fn}: input_ids must lie in 0..{self.vocab_size - 1}, got "
+                             f"{int(input_ids.min())}..{int(input_ids.max())}")
+        return self.tok_emb(input_ids)
+
+    def decode(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, n, vocab] of n new embeddings [B, n, dim] (positions already added) after the cache's."""
         for i, blk in enumerate(self.blocks):
             x = blk(x, kv_cache, i)
         x = self.norm(x)

@@ -320,10 +320,10 @@ class KeptPositionLM(TinyLM):
         start = len(kv_cache) if kv_cache is not None else 0
         parts = []
         if prefix_embeds is not None:  # position embeddings already added (add_positions)
-            check_ndim(prefix_embeds, 3, "prefix_embeds", fn)
-            if prefix_embeds.shape[-1] != self.dim or start:
-                raise ValueError(f"{fn}: prefix_embeds must be [B, k, {self.dim}] and come first (nothing cached), "
-                                 f"got {tuple(prefix_embeds.shape)} after {start} cached")
+            self.check_prefix(prefix_embeds)
+            if start:
+                raise ValueError(f"{fn}: prefix_embeds must come first (nothing cached), got them after {start} "
+                                 f"cached tokens")
             parts.append(prefix_embeds)
             if kv_cache is not None:
                 kv_cache.visual_tokens = prefix_embeds.shape[1]
@@ -335,20 +335,14 @@ class KeptPositionLM(TinyLM):
                                  f"filled with them")
             text_at = self.num_visual + start - seen
         if input_ids is not None:
-            check_ndim(input_ids, 2, "input_ids", fn)
-            if input_ids.dtype != torch.long:
-                raise TypeError(f"{fn}: input_ids must be int64 token ids, got {input_ids.dtype}")
-            if text_at + input_ids.shape[1] > self.max_len:
-                raise ValueError(f"{fn}: text at positions {text_at}.. of {input_ids.shape[1]} tokens exceeds "
+            text = self.embed_ids(input_ids)
+            if text_at + text.shape[1] > self.max_len:
+                raise ValueError(f"{fn}: text at positions {text_at}.. of {text.shape[1]} tokens exceeds "
                                  f"max_len={self.max_len}")
-            parts.append(self.tok_emb(input_ids) + self.pos_emb[:, text_at:text_at + input_ids.shape[1]])
+            parts.append(text + self.pos_emb[:, text_at:text_at + text.shape[1]])
         if not parts:
             raise ValueError(f"{fn}: give input_ids, prefix_embeds or both")
-        x = torch.cat(parts, dim=1)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, kv_cache, i)
-        x = self.norm(x)
-        return F.linear(x, self.tok_emb.weight) if self.head is None else self.head(x)
+        return self.decode(torch.cat(parts, dim=1), kv_cache)
 
     def extra_repr(self) -> str:
         return f"text at positions {self.num_visual}+, visual tokens at their own"
