@@ -27,3 +27,14 @@ def test_scenes_are_the_bases_training_data():
 def test_dense_control_rejects_unknown_seeds(seed):
     with pytest.raises(ValueError, match="dense_control: seed must be one of"):
         recipes.dense_control(seed, "smoke")
+
+
+def test_finetune_kwargs_overrides_are_checked():
+    base = recipes.finetune_kwargs("smoke")
+    small = recipes.finetune_kwargs("smoke", steps=3, batch_size=8)
+    assert small == {**base, "steps": 3, "batch_size": 8}
+    assert recipes.finetune_kwargs("smoke", steps=None, batch_size=None) == base
+    with pytest.raises(ValueError, match="finetune: steps"):
+        recipes.finetune_kwargs("smoke", steps=0, fn="finetune")
+    with pytest.raises((TypeError, ValueError), match="finetune_kwargs: batch_size"):
+        recipes.finetune_kwargs("smoke", batch_size=2.5)

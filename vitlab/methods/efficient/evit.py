@@ -206,11 +206,7 @@ def finetune(model: EViT, train, *, profile=None, seed: int = 0, shrink_start: f
 
     if not isinstance(model, EViT):
         raise TypeError(f"finetune: model must be an EViT, got {type(model).__name__}")
-    kwargs = recipes.finetune_kwargs(profile)
-    if steps is not None:
-        kwargs["steps"] = _check_int(steps, "steps", "finetune")
-    if batch_size is not None:
-        kwargs["batch_size"] = _check_int(batch_size, "batch_size", "finetune")
+    kwargs = recipes.finetune_kwargs(profile, steps=steps, batch_size=batch_size, fn="finetune")
     if not (0.0 <= shrink_start < shrink_end <= 1.0):
         raise ValueError(f"finetune: need 0 <= shrink_start < shrink_end <= 1, got {shrink_start!r}, {shrink_end!r}")
     n = kwargs["steps"]

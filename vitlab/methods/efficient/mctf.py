@@ -388,11 +388,7 @@ def finetune(model: MCTFViT, train, *, profile=None, seed: int = 0, consistency:
 
     if not isinstance(model, MCTFViT):
         raise TypeError(f"finetune: model must be an MCTFViT, got {type(model).__name__}")
-    kwargs = recipes.finetune_kwargs(profile)
-    if steps is not None:
-        kwargs["steps"] = _check_int(steps, "steps", "finetune")
-    if batch_size is not None:
-        kwargs["batch_size"] = _check_int(batch_size, "batch_size", "finetune")
+    kwargs = recipes.finetune_kwargs(profile, steps=steps, batch_size=batch_size, fn="finetune")
     r_teacher_max = max(1, model.r // 2) if r_teacher_max is None else r_teacher_max
     gen = torch.Generator().manual_seed(_check_int(seed, "seed", "finetune", low=0))
     step_fn = consistency_step(r_teacher_max, consistency=consistency, generator=gen,

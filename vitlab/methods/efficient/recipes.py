@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from vitlab import data as vdata
 from vitlab import measure, zoo
+from vitlab.checks import check_int
 from vitlab.profiles import Profile
 from vitlab.profiles import profile as get_profile
 
@@ -87,14 +88,19 @@ def finetune_steps(profile: Profile | str | None = None) -> int:
     return zoo.SCENES_FINETUNE_STEPS[get_profile(profile).name]
 
 
-def finetune_kwargs(profile: Profile | str | None = None) -> dict:
+def finetune_kwargs(profile: Profile | str | None = None, *, steps: int | None = None,
+                    batch_size: int | None = None, fn: str = "finetune_kwargs") -> dict:
     """The chapter's one fine-tune recipe, as ``vitlab.train.fit`` arguments (add ``seed=``): AdamW lr 1e-4, weight
     decay 0.05, 10 % warm-up then cosine, label smoothing 0.1, ±2 px shifts (±4 on CIFAR), batch 64,
-    ``finetune_steps`` steps. The dense controls are trained with exactly these."""
+    ``finetune_steps`` steps. The dense controls are trained with exactly these. ``steps`` / ``batch_size``
+    override the recipe's (unit tests only; ``fn`` names the caller in their errors)."""
     P = get_profile(profile)
     fit_kwargs = dict(zoo.ZOO[f"{base_name(P)}_ft0"].fit)
     fit_kwargs.pop("seed")
-    return {**fit_kwargs, "steps": finetune_steps(P)}
+    fit_kwargs["steps"] = finetune_steps(P) if steps is None else check_int(steps, "steps", fn)
+    if batch_size is not None:
+        fit_kwargs["batch_size"] = check_int(batch_size, "batch_size", fn)
+    return fit_kwargs
 
 
 def seeds(profile: Profile | str | None = None) -> tuple[int, ...]:
