@@ -1,4 +1,4 @@
-"""Both command lines: --help at once (no torch), choices and defaults shown, errors in one line, --save checked
+"""The command lines (train, course, zoo): --help at once (no torch), choices and defaults shown, errors in one line, --save checked
 before training and readable by the zoo."""
 import json
 import subprocess
@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from vitlab import cli, zoo
 
@@ -19,7 +20,7 @@ def run(*args, timeout=120):
     return p, time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("module", [("vitlab.train",), ("vitlab.course", "run")])
+@pytest.mark.parametrize("module", [("vitlab.train",), ("vitlab.course", "run"), ("vitlab.zoo", "train")])
 def test_help_is_full_and_quick(module):
     p, secs = run(*module, "--help")
     assert p.returncode == 0 and secs < 5, secs  # < 2 s on a quiet machine; no torch import
@@ -31,7 +32,8 @@ def test_help_is_full_and_quick(module):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from vitlab.cli import train_parser, course_parser; train_parser(); course_parser(); "
+    code = ("import sys; from vitlab.cli import train_parser, course_parser, zoo_parser; train_parser(); "
+            "course_parser(); zoo_parser(); "
             "import vitlab; vitlab.profile('cpu'); print('torch' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert p.stdout.strip() == "False", p.stderr
@@ -88,3 +90,24 @@ def test_saved_checkpoint_is_one_the_zoo_reads(tmp_path):
     model = VisionTransformer(**payload["model_config"])
     model.load_state_dict(payload["state_dict"])
     assert payload["config"]["cli"]["steps"] == 2
+
+
+def test_zoo_command_line_loads_shows_and_names_a_bad_entry():
+    # a committed checkpoint: `train` loads it (no training) and prints its scores; `show` reads files only
+    p, _ = run("vitlab.zoo", "train", "vit_tiny_mnist5k", "--profile", "cpu", timeout=300)
+    assert p.returncode == 0 and p.stdout.startswith("vit_tiny_mnist5k: ") and "'test_acc': " in p.stdout, p.stderr
+    p, _ = run("vitlab.zoo", "show", "vit_tiny_mnist5*", "--profile", "smoke", timeout=300)
+    assert p.returncode == 0 and "'model': 'vit_tiny'" in p.stdout and "vit_tiny_mnist5k-" in p.stdout, p.stderr
+    if not torch.cuda.is_available():
+        p, _ = run("vitlab.zoo", "train", "vit_tiny_mnist5k", "--profile", "gpu")
+        assert p.returncode == 2 and "needs a CUDA device" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p, _ = run("vitlab.zoo", "train", "no_such_entry", timeout=300)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and last == ("python -m vitlab.zoo: error: no zoo entry matches 'no_such_entry' "
+                                          "(python -m vitlab.zoo list shows them)"), p.stderr
+
+
+def test_zoo_list_filters_by_pattern(capsys, monkeypatch):
+    monkeypatch.setattr(zoo, "register_all", lambda: [])  # the base entries suffice; keep this process's registries
+    assert zoo.main(["list", "vit_tiny_mnist5k", "--profile", "cpu"]) == 0
+    assert capsys.readouterr().out.split() == ["vit_tiny_mnist5k", "file"]

@@ -1,6 +1,6 @@
 """The command lines' parsers, kept free of torch so that ``--help`` and argument errors answer at once.
 
-``python -m vitlab.train`` and ``python -m vitlab.course`` build their parsers here. The dataset and model names
+``python -m vitlab.train``, ``python -m vitlab.course`` and ``python -m vitlab.zoo`` build their parsers here. The dataset and model names
 are listed here as plain strings (importing the registries would load torch); ``tests/test_cli.py`` keeps them
 equal to ``vitlab.data.DATASETS`` and ``vitlab.models.MODELS``.
 """
@@ -11,7 +11,7 @@ import os
 
 from .profiles import PROFILES
 
-__all__ = ["DATASET_NAMES", "MODEL_NAMES", "train_parser", "course_parser"]
+__all__ = ["DATASET_NAMES", "MODEL_NAMES", "train_parser", "course_parser", "zoo_parser"]
 
 DATASET_NAMES = ("mnist5k", "mnist5k_lt", "digits8", "cluttered_scenes", "cells", "color_cells", "faces",
                  "multichannel_digits", "cifar10", "cifar100")
@@ -93,4 +93,29 @@ def course_parser() -> argparse.ArgumentParser:
     r.add_argument("--inplace", action="store_true",
                    help="write the outputs into the notebooks themselves (how the committed outputs are made)")
     r.add_argument("--timeout", type=_positive_int, default=1800, help="seconds one cell may run")
+    return ap
+
+
+def zoo_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m vitlab.zoo", formatter_class=_Formatter,
+        description="The course's trained models (vitlab.zoo entries, registered by the lesson modules): list them, "
+                    "train them headless (a valid cached checkpoint is loaded instead; a stale one is retrained), or "
+                    "show one's recipe and scores. NAMES may be glob patterns, e.g. 'ch7_bus_*_s0'.",
+        epilog="examples:\n  python -m vitlab.zoo list 'ch7_bus_*'\n"
+               "  python -m vitlab.zoo train ch7_bus_vit_s0 ch7_bus_bus_s0 --profile cpu\n"
+               "  python -m vitlab.zoo show vit_tiny_mnist5k")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    default = os.environ.get("VITLAB_PROFILE") or None
+    profile_help = "run profile (default: $VITLAB_PROFILE, else gpu on CUDA, else cpu)"
+    ls = sub.add_parser("list", formatter_class=_Formatter, help="entry names, and whether a checkpoint file exists")
+    ls.add_argument("pattern", nargs="?", default="*", help="glob pattern over the names")
+    ls.add_argument("--profile", choices=sorted(PROFILES), default=default, help=profile_help)
+    tr = sub.add_parser("train", formatter_class=_Formatter, help="train (or load) entries in order, printing scores")
+    tr.add_argument("names", nargs="+", help="entry names or glob patterns")
+    tr.add_argument("--profile", choices=sorted(PROFILES), default=default, help=profile_help)
+    tr.add_argument("--retrain", action="store_true", help="train even where a valid checkpoint is cached")
+    sh = sub.add_parser("show", formatter_class=_Formatter, help="an entry's recipe and its checkpoint's scores")
+    sh.add_argument("names", nargs="+", help="entry names or glob patterns")
+    sh.add_argument("--profile", choices=sorted(PROFILES), default=default, help=profile_help)
     return ap

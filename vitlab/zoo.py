@@ -13,8 +13,24 @@ notebooks started together train once. Each file carries its recipe, a SHA-256 o
 curve and its accuracy on train (no augmentation), val and test: a base is trained until more epochs no longer
 raise its accuracy (``metrics["plateau_gain"]``, the val-accuracy gain over the last quarter of the epochs, says
 how close it came), and train vs test says whether it is underfit.
+
+From the shell (every lesson module imported, so every entry is there; names may be glob patterns):
+
+    python -m vitlab.zoo list 'ch7_bus_*'            # names, and whether a checkpoint file exists
+    python -m vitlab.zoo show vit_tiny_mnist5k        # recipe and stored scores; never trains
+    python -m vitlab.zoo train 'ch7_bus_*_s0' --profile gpu   # trains what is missing or stale, loads the rest
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m vitlab.zoo`: run the main of the module the lessons register into (the
+    import sys               # file run as __main__ is a second copy with its own ZOO); --help answers before torch
+
+    from vitlab.cli import zoo_parser
+
+    zoo_parser().parse_args()
+    from vitlab.zoo import main
+
+    sys.exit(main())
 
 import os
 import warnings
@@ -28,8 +44,8 @@ from .checkpoint import FORMAT, load_checkpoint, save_checkpoint, state_hash
 from .checkpoint import writable as _writable
 from .profiles import Profile, profile as get_profile
 
-__all__ = ["Recipe", "ZOO", "register", "get", "available", "Objective", "OBJECTIVES", "register_objective", "path_for", "save_checkpoint", "load_checkpoint",
-           "state_hash", "checkpoint_dir", "plateau_gain"]
+__all__ = ["Recipe", "ZOO", "register", "get", "available", "Objective", "OBJECTIVES", "register_objective", "path_for",
+           "save_checkpoint", "load_checkpoint", "state_hash", "checkpoint_dir", "plateau_gain", "register_all", "main"]
 
 
 
@@ -434,3 +450,67 @@ def get(name: str, profile: Profile | str | None = None, *, retrain: bool = Fals
         info = {k: payload[k] for k in ("name", "config", "model_config", "metrics", "history", "sha256")}
         return model, {**info, "path": str(path)}
     return model
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def register_all() -> list[str]:
+    """Import every module under ``vitlab.methods`` (each registers its entries when imported): the whole zoo, as the
+    command line sees it. Returns the modules' names."""
+    import importlib
+    import pkgutil
+
+    import vitlab.methods as methods
+
+    names = [m.name for m in pkgutil.walk_packages(methods.__path__, methods.__name__ + ".")]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def main(argv=None) -> int:
+    """``python -m vitlab.zoo list | train | show`` (``vitlab.cli.zoo_parser``)."""
+    import time
+    from fnmatch import fnmatchcase
+
+    from .cli import zoo_parser
+
+    ap = zoo_parser()
+    args = ap.parse_args(argv)
+    try:
+        P = get_profile(args.profile)
+    except ValueError as e:  # gpu without CUDA: one line, not a traceback
+        ap.error(str(e))
+    register_all()
+    if args.cmd == "list":
+        for name in sorted(n for n in ZOO if fnmatchcase(n, args.pattern)):
+            print(f"{name:<48} {'file' if path_for(name, P).exists() else '-'}")
+        return 0
+    names = []
+    for pattern in args.names:
+        found = [pattern] if pattern in ZOO else sorted(n for n in ZOO if fnmatchcase(n, pattern))
+        if not found:
+            ap.error(f"no zoo entry matches {pattern!r} (python -m vitlab.zoo list shows them)")
+        names += [n for n in found if n not in names]
+    for name in names:
+        if args.cmd == "show":  # reads files only: never trains (not even a fine-tune's base, as _config would)
+            recipe, path = ZOO[name], path_for(name, P)
+            cfg = recipe.config(recipe.checkpoint_profile(P.name))
+            links = "".join(f", {k} {v!r}" for k, v in (("init", recipe.init), ("uses", recipe.uses)) if v)
+            print(f"{name}: {cfg}{links}")
+            stored = load_checkpoint(path) if path.exists() else None
+            if stored is None:
+                print(f"  not trained for {P.name} (python -m vitlab.zoo train {name} --profile {P.name})")
+            else:
+                same = {k: v for k, v in stored["config"].items() if k not in ("init", "uses")} == cfg
+                print(f"  {path}{'' if same else ' (trained with another recipe: train retrains it)'}: "
+                      f"{_scalars(stored['metrics'])}")
+            continue
+        t0 = time.time()
+        _, info = get(name, P, retrain=args.retrain, return_info=True)
+        print(f"{name}: {time.time() - t0:.0f} s, {_scalars(info['metrics'])}", flush=True)
+    return 0
